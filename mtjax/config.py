@@ -1,0 +1,174 @@
+"""Model configuration: plain frozen dataclasses that round-trip through JSON.
+
+The model config travels inside every checkpoint so a converted or trained model
+restores without flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+# The original's label fields, in the order the multi-task scripts use them.
+FINE_GRAINED_TASKS = ("mature", "gory", "slapstick", "sarcasm")
+BINARY_TASK = "binary"
+VARIANTS = ("multitask", "binary")
+POOLING_MODES = ("faithful", "stable")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model or run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The subset of a Hugging Face `BertConfig` that shapes a BERT encoder."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any]) -> "BertConfig":
+        """Takes the fields we need from an HF `config.json`; ignores the rest."""
+        act = data.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ConfigError(f"BERT hidden_act {act!r} is not supported (the original uses exact 'gelu')")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "BertConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: BERT config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(data)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "hidden_act": "gelu", "model_type": "bert"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes HICCAP's shapes and behaviour.
+
+    variant: order of att3's contexts. 'multitask' = audio then text (original
+      multi-task model); 'binary' = text then audio (original binary model and the
+      refactored UnifiedModel).
+    project_per_branch: the original re-applies `sequential_image/audio` at every
+      fusion branch (fresh dropout per branch in training); the refactored
+      UnifiedModel projects once per forward. Identical in eval mode.
+    pooling: 'faithful' is the original's exp (overflows for scores > 88);
+      'stable' is the same function computed in log space, finite everywhere.
+    """
+
+    bert: BertConfig = BertConfig()
+    tasks: tuple[str, ...] = FINE_GRAINED_TASKS
+    variant: str = "multitask"
+    project_per_branch: bool = True
+    pooling: str = "stable"
+    text_len: int = 500
+    video_len: int = 36
+    audio_len: int = 63
+    video_dim: int = 1024
+    audio_dim: int = 128
+    lstm_hidden: int = 512
+    lstm_layers: int = 2
+    fusion_heads: int = 12
+    head_dims: tuple[int, ...] = (200, 40, 20)
+    # Compute dtype; parameters stay float32.
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "head_dims", tuple(self.head_dims))
+        if isinstance(self.bert, Mapping):
+            object.__setattr__(self, "bert", BertConfig(**self.bert))
+        self.validate()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.hidden_size
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ConfigError("model.tasks is empty: give at least one task head")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"model.tasks has duplicates: {list(self.tasks)}")
+        for t in self.tasks:
+            if not t.isidentifier():
+                raise ConfigError(f"task name {t!r} must be an identifier (letters, digits, _)")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"model.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"model.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.text_len > self.bert.max_position_embeddings:
+            raise ConfigError(
+                f"model.text_len={self.text_len} exceeds BERT's max_position_embeddings="
+                f"{self.bert.max_position_embeddings}"
+            )
+        d = self.bert.hidden_size
+        for name, heads in (("bert.num_attention_heads", self.bert.num_attention_heads),
+                            ("fusion_heads", self.fusion_heads)):
+            if d % heads:
+                raise ConfigError(f"hidden size {d} is not divisible by {name}={heads}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("text_len", "video_len", "audio_len", "video_dim", "audio_dim",
+                     "lstm_hidden", "lstm_layers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        d["head_dims"] = list(self.head_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        data = dict(data)
+        if "bert" in data and not isinstance(data["bert"], BertConfig):
+            bknown = {f.name for f in dataclasses.fields(BertConfig)}
+            bunknown = sorted(set(data["bert"]) - bknown)
+            if bunknown:
+                raise ConfigError(f"unknown model.bert config keys: {bunknown}")
+            data["bert"] = BertConfig(**data["bert"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A small model for CPU tests: every shape rule intact, every size small."""
+    bert = BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=96, max_position_embeddings=40)
+    base = dict(bert=bert, text_len=24, video_len=6, audio_len=7, video_dim=20, audio_dim=12,
+                lstm_hidden=16, lstm_layers=2, fusion_heads=4, head_dims=(20, 8, 6))
+    base.update(overrides)
+    return ModelConfig(**base)
