@@ -1,0 +1,1 @@
+"""PyTorch-side tools: the HICCAP reference implementation and weight conversion."""
