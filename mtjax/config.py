@@ -36,6 +36,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    # HF builds the word embedding with `padding_idx=pad_token_id`: that row gets no gradient.
+    pad_token_id: int | None = 0
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any]) -> "BertConfig":

@@ -1,0 +1,138 @@
+"""FlaxBert: Hugging Face `BertModel`'s encoder (post-LN, exact-erf GELU) in Flax.
+
+Submodule names follow the HF state dict (`embeddings.word_embeddings`,
+`encoder.layer.{i}.attention.self.query`, ...) so conversion is a table of renames.
+HICCAP calls BERT with token ids only: token types are all 0, positions are 0..L-1 and
+nothing is masked, so the left padding is attended to (SPEC §2.1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mtjax.config import BertConfig
+from mtjax.models.attention import dot_product_attention, split_heads
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+        c = self.config
+        seq_len = input_ids.shape[1]
+        words = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
+        if c.pad_token_id is not None:
+            # PyTorch's `padding_idx`: the [PAD] row is used but never trained.
+            is_pad = (input_ids == c.pad_token_id)[..., None]
+            words = jnp.where(is_pad, jax.lax.stop_gradient(words), words)
+        positions = nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embeddings")(
+            jnp.arange(seq_len)[None, :])
+        token_types = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")(
+            jnp.zeros_like(input_ids))
+        x = words + positions + token_types
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return x.astype(self.dtype)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        c = self.config
+        dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, name=name)
+        q = split_heads(dense("query")(x), c.num_attention_heads)
+        k = split_heads(dense("key")(x), c.num_attention_heads)
+        v = split_heads(dense("value")(x), c.num_attention_heads)
+        return dot_product_attention(q, k, v, bias=None, dropout=nn.Dropout(c.attention_probs_dropout_prob),
+                                     deterministic=deterministic)
+
+
+class BertAddNorm(nn.Module):
+    """Dense → dropout → LayerNorm(· + residual): HF's BertSelfOutput and BertOutput."""
+
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
+        c = self.config
+        x = nn.Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x + residual)
+        return x.astype(self.dtype)
+
+
+class BertAttentionBlock(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.self = BertSelfAttention(self.config, self.dtype)
+        self.output = BertAddNorm(self.config, self.dtype)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        return self.output(self.self(x, deterministic=deterministic), x, deterministic=deterministic)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return exact_gelu(nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="dense")(x))
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.attention = BertAttentionBlock(self.config, self.dtype)
+        self.intermediate = BertIntermediate(self.config, self.dtype)
+        self.output = BertAddNorm(self.config, self.dtype)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        attended = self.attention(x, deterministic=deterministic)
+        return self.output(self.intermediate(attended), attended, deterministic=deterministic)
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        # `layer_{i}` in Flax ↔ `layer.{i}` in the HF state dict.
+        self.layer = [BertLayer(self.config, self.dtype, name=f"layer_{i}")
+                      for i in range(self.config.num_hidden_layers)]
+
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        for layer in self.layer:
+            x = layer(x, deterministic=deterministic)
+        return x
+
+
+class FlaxBert(nn.Module):
+    """Token ids (B, L) → last hidden state (B, L, d). No pooler: HICCAP never uses it."""
+
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embeddings = BertEmbeddings(self.config, self.dtype)
+        self.encoder = BertEncoder(self.config, self.dtype)
+
+    def __call__(self, input_ids: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        return self.encoder(self.embeddings(input_ids, deterministic=deterministic),
+                            deterministic=deterministic)

@@ -1,0 +1,68 @@
+"""Shared test fixtures-as-functions: random batches and reference → Flax conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mtjax.config import ModelConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def random_batch(config: ModelConfig, batch_size: int = 4, seed: int = 0, *, with_labels: bool = True):
+    """A realistic numpy batch: left-padded text of varied lengths, right-padded features."""
+    rng = np.random.default_rng(seed)
+    c = config
+    b = batch_size
+    text = np.zeros((b, c.text_len), np.int32)
+    text_mask = np.zeros((b, c.text_len), np.float32)
+    video = np.zeros((b, c.video_len, c.video_dim), np.float32)
+    video_mask = np.zeros((b, c.video_len), np.float32)
+    audio = np.zeros((b, c.audio_len, c.audio_dim), np.float32)
+    audio_mask = np.zeros((b, c.audio_len), np.float32)
+    for i in range(b):
+        n = int(rng.integers(2, c.text_len + 1))
+        text[i, c.text_len - n:] = rng.integers(1, c.bert.vocab_size, n)
+        text[i, c.text_len - n] = min(101, c.bert.vocab_size - 1)
+        text_mask[i, c.text_len - n:] = 1
+        sv = int(rng.integers(1, c.video_len + 1))
+        video[i, :sv] = rng.normal(size=(sv, c.video_dim))
+        video_mask[i, :sv] = 1
+        sa = int(rng.integers(1, c.audio_len + 1))
+        audio[i, :sa] = rng.normal(size=(sa, c.audio_dim))
+        audio_mask[i, :sa] = 1
+    batch = dict(text=text, text_mask=text_mask, video=video, video_mask=video_mask,
+                 audio=audio, audio_mask=audio_mask)
+    if with_labels:
+        cls = rng.integers(0, 2, size=(len(c.tasks), b))
+        batch["labels"] = {t: np.eye(2, dtype=np.float32)[cls[k]] for k, t in enumerate(c.tasks)}
+        batch["label_mask"] = {t: np.ones(b, np.float32) for t in c.tasks}
+    return batch
+
+
+def torch_inputs(batch):
+    import torch
+
+    return [torch.from_numpy(np.asarray(batch[k])) for k in
+            ("text", "text_mask", "video", "video_mask", "audio", "audio_mask")]
+
+
+def flax_variables_from_reference(reference, config: ModelConfig | None = None):
+    """Reference weights → Flax variables through the converter's own tables."""
+    from convert.reference import unified_state_dict
+    from convert.weights import convert_source, state_source
+
+    config = config or reference.config
+    base = config.replace(tasks=config.tasks)
+    fmt_variant = config.variant
+    new_config, variables, _ = convert_source(
+        state_source(unified_state_dict(reference)), fmt="unified", variant=fmt_variant,
+        tasks=list(config.tasks), base=base, bert_config=config.bert.to_hf_dict())
+    # `unified` implies one projection per forward; restore what the reference uses.
+    return new_config.replace(project_per_branch=config.project_per_branch, pooling=config.pooling), variables
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
