@@ -1,0 +1,219 @@
+"""The compiled train and eval steps: pure functions of the train state and a batch.
+
+`train_step(state, batch, task_mask) -> (state, metrics)` is one optimizer step:
+forward in train mode (dropout from `state.rng`, BatchNorm batch statistics), the
+original per-task BCE losses, a loss weighting (`mtjax.mtl.weightings`), optionally a
+gradient aggregator over per-task gradients (`mtjax.mtl.aggregators`), then the optax
+optimizer. `task_mask` (T,) switches tasks off for this step (round robin, DSG, ...)
+without changing any shape, so schedules never recompile the step.
+
+A step whose loss or gradients are not finite changes nothing (parameters, optimizer,
+BatchNorm statistics, strategy states) and reports `finite = 0`; the host counts those
+and stops the run after too many in a row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtjax.config import ModelConfig
+from mtjax.losses import l2_norm_sum, masked_bce
+from mtjax.models.hiccap import MODEL_INPUTS, HICCAP
+
+L2_MODES = ("none", "reported_constant", "real")
+# GradNorm's reference: the last shared layer, i.e. the LayerNorms producing the pooled
+# features every head reads (their scales; their biases have no gradient through the
+# heads' train-mode BatchNorm).
+GRADNORM_REFERENCE = ("attention_drop_norm", "attention_audio_drop_norm", "attention_image_drop_norm")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any               # model parameters
+    weight_params: Any        # learnable loss-weight parameters ({} for fixed weightings)
+    batch_stats: Any
+    opt_state: Any            # over {"model": params, "weighting": weight_params}
+    weighting_state: Any
+    aggregator_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(name: str = "adam", *, lr: float, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, weight_decay: float = 0.0,
+                   clip_norm: float | None = None) -> optax.GradientTransformation:
+    """PyTorch-equivalent Adam / AdamW (decoupled decay) with an injectable learning rate,
+    inside `optax.apply_if_finite` so a non-finite gradient skips the update."""
+    if name == "adam":
+        if weight_decay:
+            raise ValueError("Adam with weight_decay: use 'adamw' (decoupled decay)")
+        opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=b1, b2=b2, eps=eps)
+    elif name == "adamw":
+        opt = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=b1, b2=b2, eps=eps,
+                                                    weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {name!r}")
+    chain = optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
+    # The host stops the run after its own limit of consecutive skips; optax's counter must
+    # never force a non-finite update through, hence the huge limit.
+    return optax.apply_if_finite(chain, max_consecutive_errors=2**31 - 1)
+
+
+def learning_rate(opt_state) -> jax.Array:
+    return optax.tree_utils.tree_get(opt_state, "learning_rate")
+
+
+def set_learning_rate(opt_state, lr: float):
+    return optax.tree_utils.tree_set(opt_state, learning_rate=jnp.asarray(lr, jnp.float32))
+
+
+def is_task_specific(name: str) -> bool:
+    return name.startswith("heads_")
+
+
+def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTransformation,
+                     weighting, aggregator: optax.GradientTransformation | None, *,
+                     num_tasks: int, rng: jax.Array) -> TrainState:
+    rng, w_key = jax.random.split(rng)
+    weighting_state = weighting.init(num_tasks, w_key)
+    weight_params = weighting.params(weighting_state)
+    params = variables["params"]
+    shared = {k: v for k, v in params.items() if not is_task_specific(k)}
+    aggregator_state = aggregator.init(shared) if aggregator is not None else ()
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, weight_params=weight_params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=optimizer.init({"model": params, "weighting": weight_params}),
+        weighting_state=weighting_state, aggregator_state=aggregator_state, rng=rng)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, weighting,
+                    aggregator: optax.GradientTransformation | None = None, *,
+                    l2: str = "none", l2_coef: float = 0.1,
+                    deterministic: bool = False) -> Callable:
+    """Builds the (un-jitted) step; jit it with `jax.jit(step, donate_argnums=0)`.
+
+    `deterministic=True` turns dropout off while BatchNorm stays in training mode (the
+    mode of the train-step parity tests)."""
+    if l2 not in L2_MODES:
+        raise ValueError(f"l2 must be one of {L2_MODES}, got {l2!r}")
+    if aggregator is not None and weighting.learnable:
+        raise ValueError(f"weighting {weighting.name!r} learns its weights from the summed loss; "
+                         f"it cannot be combined with a gradient aggregator")
+    model = HICCAP(config)
+    tasks = config.tasks
+    num_tasks = len(tasks)
+
+    def task_losses(params, batch_stats, batch, dropout_key):
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        if "example_mask" in batch:
+            inputs["example_mask"] = batch["example_mask"]
+        probs, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs,
+                                     train=True, deterministic=deterministic,
+                                     rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        losses = jnp.stack([masked_bce(probs[t], batch["labels"][t], batch["label_mask"][t]) for t in tasks])
+        return losses, updates["batch_stats"]
+
+    def train_step(state: TrainState, batch: Mapping[str, Any], task_mask: jax.Array):
+        rng, dropout_key = jax.random.split(state.rng)
+        task_mask = task_mask.astype(jnp.float32)
+        metrics = {}
+
+        if aggregator is None:
+            def objective(params, weight_params):
+                losses, new_stats = task_losses(params, state.batch_stats, batch, dropout_key)
+                total = weighting.loss(weight_params, state.weighting_state, losses * task_mask)
+                if l2 == "real":
+                    total = total + l2_coef * l2_norm_sum(params)
+                return total, (losses, new_stats)
+
+            (total, (losses, new_stats)), (g_model, g_weight) = jax.value_and_grad(
+                objective, argnums=(0, 1), has_aux=True)(state.params, state.weight_params)
+            aggregator_state = state.aggregator_state
+        else:
+            # One forward, then a batched backward: the VJP of the (T,) loss vector applied to
+            # the T one-hot cotangents gives every task's gradient in one vmapped pass.
+            def losses_fn(params):
+                return task_losses(params, state.batch_stats, batch, dropout_key)
+
+            losses, vjp_fn, new_stats = jax.vjp(losses_fn, state.params, has_aux=True)
+            weights = jax.lax.stop_gradient(weighting.weights(state.weighting_state, losses)) * task_mask
+            (per_task,) = jax.vmap(vjp_fn)(jnp.diag(weights))
+            shared = {k: v for k, v in per_task.items() if not is_task_specific(k)}
+            own = {k: jnp.sum(v, axis=0) for k, v in per_task.items() if is_task_specific(k)}
+            shared_params = {k: v for k, v in state.params.items() if not is_task_specific(k)}
+            combined, aggregator_state = aggregator.update(shared, state.aggregator_state, shared_params)
+            g_model = {**jax.tree_util.tree_map(lambda x: x, combined), **own}
+            if l2 == "real":
+                g_l2 = jax.grad(lambda p: l2_coef * l2_norm_sum(p))(state.params)
+                g_model = jax.tree_util.tree_map(jnp.add, g_model, g_l2)
+            g_weight = jax.tree_util.tree_map(jnp.zeros_like, state.weight_params)
+            total = jnp.sum(weights * losses)
+            if l2 == "real":
+                total = total + l2_coef * l2_norm_sum(state.params)
+
+        grads = {"model": g_model, "weighting": g_weight}
+        finite = jnp.isfinite(total) & _all_finite(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state,
+                                              {"model": state.params, "weighting": state.weight_params})
+        new = optax.apply_updates({"model": state.params, "weighting": state.weight_params}, updates)
+
+        weighting_state = weighting.set_params(state.weighting_state, new["weighting"])
+        extra = {}
+        if weighting.needs_ref_grads:
+            ref = {k: state.params[k] for k in GRADNORM_REFERENCE}
+
+            def ref_losses(ref_params):
+                return task_losses({**state.params, **ref_params}, state.batch_stats, batch, dropout_key)[0]
+
+            extra["ref_grads"] = jax.jacrev(ref_losses)(ref)
+        if weighting.needs_new_losses:
+            extra["new_losses"] = task_losses(new["model"], state.batch_stats, batch, dropout_key)[0]
+        weighting_state = weighting.update(weighting_state, losses=losses, **extra)
+
+        reported = total
+        if l2 == "reported_constant":
+            # SPEC §2.8: the binary original adds 0.1·Σ‖w‖₂ as a Python float: no gradient.
+            reported = total + l2_coef * jax.lax.stop_gradient(l2_norm_sum(state.params))
+        metrics.update(
+            loss=reported, task_losses=losses, loss_weights=weighting.weights(state.weighting_state, losses),
+            grad_norm=optax.global_norm(grads["model"]), finite=finite.astype(jnp.int32),
+            learning_rate=learning_rate(state.opt_state))
+        new_state = TrainState(
+            step=state.step + 1,
+            params=_select(finite, new["model"], state.params),
+            weight_params=_select(finite, new["weighting"], state.weight_params),
+            batch_stats=_select(finite, new_stats, state.batch_stats),
+            # apply_if_finite already skipped non-finite gradients (and counts them); this
+            # also covers a non-finite loss whose gradients happen to be finite.
+            opt_state=_select(finite, opt_state, state.opt_state),
+            weighting_state=_select(finite, weighting_state, state.weighting_state),
+            aggregator_state=_select(finite, aggregator_state, state.aggregator_state),
+            rng=rng)
+        return new_state, metrics
+
+    del num_tasks
+    return train_step
+
+
+def make_eval_step(config: ModelConfig) -> Callable:
+    """(params, batch_stats, batch) → {task: probs}, eval mode."""
+    model = HICCAP(config)
+
+    def eval_step(params, batch_stats, batch):
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        return model.apply({"params": params, "batch_stats": batch_stats}, inputs, train=False)
+
+    return eval_step
