@@ -427,3 +427,16 @@ def test_project_simplex():
 def test_subset_masks_cover_all_supports():
     masks = A._subset_masks(3, include_empty=False)
     assert {tuple(r) for r in masks} == set(itertools.product([0.0, 1.0], repeat=3)) - {(0, 0, 0)}
+
+
+@pytest.mark.parametrize("name,scale", [("sum", 1), ("mean", 2 / 3), ("pcgrad", 1), ("mgda", 1),
+                                        ("imtl_g", 1), ("aligned_mtl", 1), ("nash_mtl", 1),
+                                        ("upgrad", 2 / 3), ("graddrop", 1)])
+def test_task_switched_off_is_ignored(name, scale):
+    # A schedule's task mask zeroes a task's gradient: the result is that of the other
+    # tasks (times 2/3 where the method averages over all T).
+    m = random_tasks(2, conflict=True, seed=8)
+    with_zero = np.concatenate([m, np.zeros((1, P))])
+    got, _ = agg(name, with_zero)
+    want, _ = agg(name, m)
+    np.testing.assert_allclose(got, scale * want, rtol=2e-4, atol=2e-5)

@@ -228,11 +228,29 @@ def _subset_masks(t: int, include_empty: bool) -> np.ndarray:
 MAX_EXACT_TASKS = 8
 
 
-def _mgda_exact(gram: Array) -> Array:
+def _active(gram: Array) -> Array:
+    """Tasks with a non-zero gradient. A task switched off for a step (its loss weight
+    0, e.g. by a schedule's task mask) has an exactly zero row; MGDA and IMTL-G solve
+    on the other tasks only (a zero vector in MGDA's hull would make the update 0, and
+    IMTL-G's unit vector of a zero gradient is undefined)."""
+    return jnp.diag(gram) > 0
+
+
+def _project_simplex_on(v: Array, active: Array) -> Array:
+    # Projection onto the face of the simplex spanned by the active coordinates: an
+    # entry below theta gets 0, and theta >= max(v_active) - 1, so parking the inactive
+    # entries at max(v_active) - 2 zeroes them.
+    top = jnp.max(jnp.where(active, v, -jnp.inf))
+    low = jnp.where(jnp.isfinite(top), top - 2.0, 0.0)
+    return jnp.where(active, project_simplex(jnp.where(active, v, low)), 0.0)
+
+
+def _mgda_exact(gram: Array, active: Array) -> Array:
     # For each support S solve the KKT system of min lam^T G lam s.t. sum lam = 1,
     # lam = 0 off S; project the result onto the simplex (so every candidate is
     # feasible) and keep the best. The optimum's own support yields it exactly, and
-    # no feasible point beats it, so the argmin is the optimum.
+    # no feasible point beats it, so the argmin is the optimum. Supports containing
+    # an inactive task are excluded.
     t = gram.shape[0]
     dtype = gram.dtype
     masks = jnp.asarray(_subset_masks(t, include_empty=False), dtype)
@@ -245,7 +263,8 @@ def _mgda_exact(gram: Array) -> Array:
         lam = jnp.linalg.solve(kkt, rhs)[:t] * m
         lam = jnp.where(jnp.all(jnp.isfinite(lam)), lam, m / jnp.sum(m))
         lam = project_simplex(lam)
-        return lam, lam @ gram @ lam
+        allowed = jnp.all((m == 0) | active)
+        return lam, jnp.where(allowed, lam @ gram @ lam, jnp.inf)
 
     lams, vals = jax.vmap(candidate)(masks)
     return lams[jnp.argmin(vals)]
@@ -256,18 +275,23 @@ def mgda_weights(gram: Array, num_iters: int = 200, solver: str = "auto") -> Arr
 
     ``solver="exact"`` (default for T <= MAX_EXACT_TASKS via "auto"): enumerate the
     2^T - 1 possible supports, solve each equality-constrained KKT system, keep the
-    best feasible candidate -- exact up to float rounding, no iterations.
+    best feasible candidate, then polish it with ``num_iters`` FISTA steps (float32
+    KKT solves lose accuracy on ill-conditioned supports; FISTA recovers it).
     ``solver="fista"``: FISTA with restart on the (scale-normalised) Gram matrix,
     projecting onto the simplex, ``num_iters`` fixed iterations from the uniform
     point. Since ``||sum lam_i g_i - d*||^2 <= F(lam) - F*`` here, the direction is
     accurate whenever the objective is, even if ``lam`` is not unique.
+    Tasks with an exactly zero gradient are left out (weight 0).
     """
     t = gram.shape[0]
     gn = _normalise_gram(gram)
-    # The exact answer is then polished by FISTA: in float32 the support's KKT solve
-    # loses accuracy when G is ill-conditioned, FISTA from there recovers it.
-    x0 = _mgda_exact(gn) if _use_exact(solver, t) else jnp.full((t,), 1.0 / t, gram.dtype)
-    return _fista_qp(gn, jnp.zeros((t,), gram.dtype), project_simplex, x0, num_iters)
+    active = _active(gram)
+    n_active = jnp.sum(active)
+    uniform = jnp.where(n_active > 0, active / jnp.maximum(n_active, 1), 1.0 / t).astype(gram.dtype)
+    x0 = _mgda_exact(gn, active) if _use_exact(solver, t) else uniform
+    x = _fista_qp(gn, jnp.zeros((t,), gram.dtype), lambda v: _project_simplex_on(v, active), x0,
+                  num_iters)
+    return jnp.where(n_active > 0, x, uniform)
 
 
 def _use_exact(solver: str, t: int) -> bool:
@@ -333,19 +357,25 @@ def cagrad_weights(gram: Array, c: float = 0.5, num_iters: int = 100,
 def imtl_g_weights(gram: Array, eps: float = 1e-12) -> Array:
     """IMTL-G: ``alpha`` with ``sum alpha = 1`` and equal projections on unit gradients.
 
-    Solves ``<sum_j alpha_j g_j, u_1 - u_k> = 0`` for k = 2..T and ``sum alpha = 1``
-    with ``u_k = g_k/||g_k||``; ``<u_k, g_j> = G_kj/||g_k||`` so this is a T x T linear
-    system on the Gram matrix (the paper's closed form
-    ``alpha_{2:T} = g_1 U^T (D U^T)^-1`` solves the same equations). Falls back to
-    uniform weights if the system is singular (linearly dependent unit differences).
+    Solves ``<sum_j alpha_j g_j, u_r - u_k> = 0`` for every task k != r and
+    ``sum alpha = 1``, with ``u_k = g_k/||g_k||`` and r the reference (first) task;
+    ``<u_k, g_j> = G_kj/||g_k||`` so this is a T x T linear system on the Gram matrix
+    (the paper's closed form ``alpha_{2:T} = g_1 U^T (D U^T)^-1`` solves the same
+    equations). Tasks with an exactly zero gradient get ``alpha = 0`` and the first
+    task with a non-zero gradient is the reference. Falls back to uniform weights if
+    the system is singular (linearly dependent unit differences).
     """
     t = gram.shape[0]
+    active = _active(gram)
+    ref = jnp.argmax(active)  # first active task (0 if none)
     norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), eps))
     ug = gram / norms[:, None]  # ug[k, j] = <u_k, g_j>
-    rows = ug[0][None, :] - ug[1:]
-    a_mat = jnp.concatenate([rows, jnp.ones((1, t), gram.dtype)], axis=0)
-    rhs = jnp.zeros((t,), gram.dtype).at[-1].set(1.0)
-    alpha = jnp.linalg.solve(a_mat, rhs)
+    idx = jnp.arange(t)
+    eye = jnp.eye(t, dtype=gram.dtype)
+    rows = jnp.where((idx == ref)[:, None], jnp.ones((t, t), gram.dtype),
+                     jnp.where(active[:, None], ug[ref][None, :] - ug, eye))
+    rhs = (idx == ref).astype(gram.dtype)
+    alpha = jnp.linalg.solve(rows, rhs)
     ok = jnp.all(jnp.isfinite(alpha))
     return jnp.where(ok, alpha, jnp.full((t,), 1.0 / t, gram.dtype))
 
