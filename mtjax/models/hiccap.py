@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -56,6 +57,7 @@ class HICCAP(nn.Module):
         if deterministic is None:
             deterministic = not train
         c = self.config
+        assert_model_inputs(batch, c)
         dt = jnp.dtype(c.dtype)
         keep = (lambda name, x: capture.__setitem__(name, x)) if capture is not None else (lambda *_: None)
 
@@ -122,6 +124,24 @@ class HICCAP(nn.Module):
             keep(f"logits_{task}", logits)
             probs[task] = jax.nn.softmax(logits, axis=-1)
         return probs
+
+
+def assert_model_inputs(batch: Mapping[str, jax.Array], config: ModelConfig) -> None:
+    """Trace-time guard at the model boundary (free at run time): shapes and dtypes the
+    config fixes. Value checks (finite features, mask/padding alignment) happen on the
+    host in `mtjax.data.check_batch`, before data reaches the device."""
+    c = config
+    b = batch["text"].shape[0]
+    chex.assert_shape(batch["text"], (b, c.text_len))
+    chex.assert_type(batch["text"], int)
+    chex.assert_shape([batch["text_mask"]], (b, c.text_len))
+    chex.assert_shape(batch["video"], (b, c.video_len, c.video_dim))
+    chex.assert_shape(batch["video_mask"], (b, c.video_len))
+    chex.assert_shape(batch["audio"], (b, c.audio_len, c.audio_dim))
+    chex.assert_shape(batch["audio_mask"], (b, c.audio_len))
+    chex.assert_type([batch["video"], batch["audio"]], float)
+    if "example_mask" in batch:
+        chex.assert_shape(batch["example_mask"], (b,))
 
 
 def dummy_batch(config: ModelConfig, batch_size: int = 2) -> dict[str, jax.Array]:
