@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mtjax.config import BINARY_TASK, FINE_GRAINED_TASKS, BertConfig, ModelConfig
+from mtjax.config import BINARY_TASK, FINE_GRAINED_TASKS, BertConfig, ConfigError, ModelConfig
 
 FORMATS = ("hiccap", "unified", "hf-bert")
 
@@ -62,20 +62,45 @@ def _to_numpy(value) -> np.ndarray:
     return value.detach().to(torch.float32 if value.is_floating_point() else value.dtype).cpu().numpy()
 
 
+# Weights-only unpickler refusals that mean "this needs code to load" (a class, a function to
+# call). Anything else it refuses (an unknown opcode, a truncated stream) is a damaged or
+# foreign file, not a security matter.
+_CODE_REFUSALS = ("GLOBAL", "reduce for unrecognized function", "Can only create new object",
+                  "Can only build")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _torch_load(path: Path):
     import pickle
 
     import torch
 
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (empty file)")
+    # torch.save writes a zip archive; pre-1.6 files are a bare pickle (protocol opcode 0x80).
+    if not zipfile.is_zipfile(path) and head[0] != 0x80:
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive as torch.save "
+                              f"writes nor a pickle; first bytes {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConversionError(
-            f"{path}: refused: loading it would execute arbitrary code (it pickles objects other "
-            f"than tensors and plain containers). Re-save it as a plain state dict. ({str(e).splitlines()[0]})"
-        ) from None
+        message = str(e)
+        m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+        detail = m.group(1).strip() if m else _first_line(e)
+        if any(marker in message for marker in _CODE_REFUSALS):
+            raise ConversionError(
+                f"{path}: refused: loading it would execute arbitrary code (it pickles objects other "
+                f"than tensors and plain containers). Re-save it as a plain state dict. ({detail[:200]})"
+            ) from None
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (unreadable pickle: {detail[:200]})") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -427,7 +452,17 @@ def convert(source_path: str | Path, *, fmt: str = "auto", variant: str | None =
             tasks: list[str] | None = None, bert_config_path: str | Path | None = None,
             strict: bool = True, seed: int = 0, base: ModelConfig | None = None):
     """→ (ModelConfig, variables {'params', 'batch_stats'}, Report)."""
-    bert_config = json.loads(Path(bert_config_path).read_text()) if bert_config_path is not None else None
+    bert_config = None
+    if bert_config_path is not None:
+        try:
+            bert_config = json.loads(Path(bert_config_path).read_text())
+        except FileNotFoundError:
+            raise ConversionError(f"{bert_config_path}: --bert-config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{bert_config_path}: --bert-config is not valid JSON ({e})") from None
+        if not isinstance(bert_config, dict):
+            raise ConversionError(f"{bert_config_path}: --bert-config must hold a JSON object "
+                                  f"(an HF config.json), found {type(bert_config).__name__}")
     return convert_source(read_source(source_path), fmt=fmt, variant=variant, tasks=tasks,
                           bert_config=bert_config, strict=strict, seed=seed, base=base)
 
@@ -473,18 +508,25 @@ def convert_source(source: Source, *, fmt: str = "auto", variant: str | None = N
             "optimizer", "epoch", "score") else "non-tensor entry"
 
     config = infer_model_config(mapped, fmt=fmt, variant=variant, tasks=tasks, bert_config=bert_config, base=base)
-    fresh_vars = init_variables(config, jax.random.PRNGKey(seed))
-    flat = {k: np.asarray(x) for k, x in traverse_util.flatten_dict(jax.device_get(fresh_vars)).items()}
-
-    extraneous = sorted("/".join(k) for k in mapped.variables if k not in flat)
+    rng = jax.random.PRNGKey(seed)
+    # Shapes first, by tracing only: checking a checkpoint against the model needs no compiled
+    # init (seconds even for the tiny model), and a checkpoint that supplies every variable
+    # needs no fresh values at all.
+    expected = traverse_util.flatten_dict(jax.eval_shape(lambda k: init_variables(config, k), rng))
+    extraneous = sorted("/".join(k) for k in mapped.variables if k not in expected)
     if extraneous:
         raise ConversionError(f"{source.path}: weights with no place in the model {extraneous[:6]}")
     for key, value in mapped.variables.items():
-        if value.shape != flat[key].shape:
+        if value.shape != expected[key].shape:
             raise ConversionError(
                 f"{source.path}: shape mismatch for {'/'.join(key)} (from {mapped.sources[key]}): "
-                f"checkpoint {value.shape}, model expects {flat[key].shape}")
-        flat[key] = value.astype(flat[key].dtype)
+                f"checkpoint {value.shape}, model expects {expected[key].shape}")
+    flat = {}
+    if any(k not in mapped.variables for k in expected):
+        fresh_vars = init_variables(config, rng)
+        flat = {k: np.asarray(x) for k, x in traverse_util.flatten_dict(jax.device_get(fresh_vars)).items()}
+    for key, value in mapped.variables.items():
+        flat[key] = value.astype(expected[key].dtype)
     converted = defaultdict(list)
     for key, srcs in mapped.sources.items():
         if key in mapped.variables:
@@ -521,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             base=ModelConfig(pooling=args.pooling))
         out = save_model(args.out, variables, config, overwrite=args.overwrite,
                          metadata={"converted_from": report.source, "format": report.format})
-    except (ConversionError, CheckpointError, OSError) as e:
+    except (ConversionError, CheckpointError, ConfigError, OSError) as e:
         print(f"convert.weights: error: {e}", file=sys.stderr)
         return 2
     print("\n".join(report.lines()))
