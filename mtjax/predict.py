@@ -47,7 +47,8 @@ def predict_dataset(config: ModelConfig, variables, dataset: ClipDataset,
         check_batch(batch, config)
         inputs = pad_batch({k: batch[k] for k in MODEL_INPUTS}, batch_size)
         probs = jax.device_get(eval_fn(variables, inputs))
-        yield start, {t: np.asarray(p[:len(idx)]) for t, p in probs.items()}
+        # jit returns dicts with sorted keys; keep the model's task order for the output.
+        yield start, {t: np.asarray(probs[t][:len(idx)]) for t in config.tasks}
 
 
 def write_predictions(config: ModelConfig, variables, dataset: ClipDataset, out: Path,
