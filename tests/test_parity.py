@@ -1,9 +1,16 @@
 """Eval- and train-mode parity of the Flax model with the PyTorch reference (fp32, CPU).
 
 Tolerance: 1e-5 max abs difference for every block and end to end.
+
+Speed: the conversion of a (config, seed) reference is cached, and the Flax forward is
+jit-compiled once per (config, mode) (op-by-op `apply` of the tiny model takes ~10 s).
+The reference itself is rebuilt for every test (milliseconds): train-mode forwards update
+its BatchNorm running stats, so a shared one would leak state between tests.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +38,34 @@ BLOCKS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def converted(config, seed, dropout_off=False):
+    """(flax config, variables) of `build_reference(config, seed, dropout_off)`, converted once.
+    build_reference is deterministic, so a fresh reference with the same arguments has
+    exactly these weights."""
+    return flax_variables_from_reference(build_reference(config, seed=seed, dropout_off=dropout_off), config)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_forward(flax_config, train):
+    """jit of `HICCAP.apply` with dropout off, returning (outputs, capture dict)."""
+    model = HICCAP(flax_config)
+
+    def forward(variables, batch):
+        capture = {}
+        out = model.apply(variables, batch, train=train, deterministic=True, capture=capture,
+                          mutable=["batch_stats"] if train else False)
+        return out, capture
+
+    return jax.jit(forward)
+
+
 def run_both(config, seed=0, batch_size=4, train=False):
     reference = build_reference(config, seed=seed, dropout_off=train)
     reference.train(train)
-    flax_config, variables = flax_variables_from_reference(reference, config)
+    flax_config, variables = converted(config, seed, dropout_off=train)
     batch = random_batch(config, batch_size, seed=seed + 10, with_labels=False)
-    capture = {}
-    out = HICCAP(flax_config).apply(variables, batch, train=train, deterministic=True, capture=capture,
-                                    mutable=["batch_stats"] if train else False)
+    out, capture = jitted_forward(flax_config, train)(variables, batch)
     with torch.no_grad():
         blocks = reference.forward_blocks(*torch_inputs(batch))
     return capture, blocks, out, reference
@@ -96,13 +123,11 @@ def test_batchnorm_example_mask_ignores_padding_rows():
     from mtjax.models.hiccap import MODEL_INPUTS
 
     config = tiny_model_config()
-    reference = build_reference(config, seed=1, dropout_off=True)
-    fc, variables = flax_variables_from_reference(reference, config)
+    fc, variables = converted(config, 1, dropout_off=True)
     batch = {k: v for k, v in random_batch(config, 3, seed=2, with_labels=False).items() if k in MODEL_INPUTS}
-    model = HICCAP(fc)
-    out, upd = model.apply(variables, batch, train=True, deterministic=True, mutable=["batch_stats"])
-    out_p, upd_p = model.apply(variables, pad_batch(batch, 8), train=True, deterministic=True,
-                               mutable=["batch_stats"])
+    forward = jitted_forward(fc, True)
+    (out, upd), _ = forward(variables, batch)
+    (out_p, upd_p), _ = forward(variables, pad_batch(batch, 8))
     for t in fc.tasks:
         assert max_abs_diff(out[t], out_p[t][:3]) <= TOL
     for a, b in zip(jax.tree_util.tree_leaves(upd), jax.tree_util.tree_leaves(upd_p)):
