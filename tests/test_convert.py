@@ -203,11 +203,22 @@ def test_cli_in_a_real_subprocess(src, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "format: unified" in ok.stdout and f"wrote {out}" in ok.stdout
     assert load_model(out)[0].variant == "binary"
-    # Writing over an existing model directory needs --overwrite.
-    again = run("--source", paths["unified"], "--out", out, "--bert-config", paths["bert_json"])
-    assert again.returncode == 2
-    assert f"{out} already exists (pass overwrite to replace it)" in again.stderr
-    assert "Traceback" not in again.stderr
+    # Errors exit with 2 and one line on stderr, no traceback.
+    bad = run("--source", tmp_path / "absent.pth", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f"convert.weights: error: {tmp_path / 'absent.pth'}: no such file or directory"
+
+
+def test_existing_output_needs_overwrite(src, tmp_path, capsys):
+    _, paths, _ = src
+    out = tmp_path / "model"
+    args = ("--source", paths["unified"], "--out", out, "--bert-config", paths["bert_json"])
+    assert run_cli(capsys, *args)[0] == 0
+    err = expect_error(capsys, *args)
+    assert f"{out} already exists (pass overwrite to replace it)" in err
+    code, stdout, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert load_model(out)[0].variant == "binary"
 
 
 # ----------------------------------------------------------------------------- rejections
