@@ -34,7 +34,7 @@ from mtjax.metrics import compute_metrics
 from mtjax.models.hiccap import MODEL_INPUTS, init_variables
 from mtjax.mtl.registry import make_aggregator, make_weighting
 from mtjax.run_checkpoints import RunCheckpointer
-from mtjax.schedules import make_schedule
+from mtjax.schedules import make_schedule, split_strategy_options
 from mtjax.train_step import (TrainState, init_train_state, learning_rate, make_eval_step,
                               make_optimizer, make_train_step, set_learning_rate)
 
@@ -127,14 +127,20 @@ class Trainer:
         else:
             variables = init_variables(self.config, jax.random.PRNGKey(exp.seed))
         self.weighting = build_weighting(exp, self.tasks)
-        self.aggregator = (make_aggregator(exp.strategy.aggregator, num_tasks=len(self.tasks),
-                                           **exp.strategy.options)
-                           if exp.strategy.aggregator else None)
+        # strategy.options holds both the schedule's and the aggregator's options.
+        schedule_opts, aggregator_opts = split_strategy_options(
+            exp.strategy.schedule, exp.strategy.options, has_aggregator=bool(exp.strategy.aggregator))
+        try:
+            self.aggregator = (make_aggregator(exp.strategy.aggregator, num_tasks=len(self.tasks),
+                                               **aggregator_opts)
+                               if exp.strategy.aggregator else None)
+        except TypeError as e:
+            raise ConfigError(f"strategy.options: {e}") from None
         self.optimizer = build_optimizer(exp)
         self.schedule = make_schedule(exp.strategy.schedule, self.train_set, self.tasks,
                                       batch_size=exp.data.batch_size, seed=exp.seed, model_config=self.config,
                                       max_steps_per_epoch=exp.train.max_steps_per_epoch,
-                                      **exp.strategy.options)
+                                      epochs=exp.train.epochs, **schedule_opts)
         step = make_train_step(self.config, self.optimizer, self.weighting, self.aggregator,
                                l2=exp.loss.l2, l2_coef=exp.loss.l2_coef)
         self.train_step = jax.jit(step, donate_argnums=0)
@@ -198,11 +204,15 @@ class Trainer:
         else:
             self.consecutive_skips = 0
         if step % self.exp.train.log_every == 0 or int(m["finite"]) == 0:
-            log.write({"kind": "step", "step": step, "epoch": epoch, "loss": _host_float(m["loss"]),
-                       "task_losses": {t: _host_float(v) for t, v in zip(self.tasks, m["task_losses"])},
-                       "loss_weights": {t: _host_float(v) for t, v in zip(self.tasks, m["loss_weights"])},
-                       "lr": _host_float(m["learning_rate"]), "grad_norm": _host_float(m["grad_norm"]),
-                       "finite": int(m["finite"])})
+            record = {"kind": "step", "step": step, "epoch": epoch, "loss": _host_float(m["loss"]),
+                      "task_losses": {t: _host_float(v) for t, v in zip(self.tasks, m["task_losses"])},
+                      "loss_weights": {t: _host_float(v) for t, v in zip(self.tasks, m["loss_weights"])},
+                      "lr": _host_float(m["learning_rate"]), "grad_norm": _host_float(m["grad_norm"]),
+                      "finite": int(m["finite"])}
+            sample_weights = self.schedule.sample_weights()  # the weights this step's batch was drawn with
+            if sample_weights is not None:
+                record["sample_weights"] = sample_weights
+            log.write(record)
 
     def train_epoch(self, epoch: int, log: MetricsLog) -> dict[str, float]:
         from tqdm import tqdm
