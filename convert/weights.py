@@ -548,6 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bert-config", help="HF config.json giving BERT's head count and eps")
     p.add_argument("--tasks", nargs="+", help="task heads to build (default: those in the checkpoint)")
     p.add_argument("--pooling", choices=("stable", "faithful"), default="stable")
+    # What the weights cannot tell: the fusion's head count and the padding lengths.
+    defaults = ModelConfig()
+    p.add_argument("--fusion-heads", type=int, default=defaults.fusion_heads,
+                   help=f"heads of the fusion cross-attention (default {defaults.fusion_heads}, the original's)")
+    p.add_argument("--text-len", type=int, default=defaults.text_len)
+    p.add_argument("--video-len", type=int, default=defaults.video_len)
+    p.add_argument("--audio-len", type=int, default=defaults.audio_len)
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="report unknown keys as ignored instead of stopping")
     p.add_argument("--overwrite", action="store_true")
@@ -560,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         config, variables, report = convert(
             args.source, fmt=args.format, variant=args.variant, tasks=args.tasks,
             bert_config_path=args.bert_config, strict=args.strict, seed=args.seed,
-            base=ModelConfig(pooling=args.pooling))
+            base=ModelConfig(pooling=args.pooling, fusion_heads=args.fusion_heads, text_len=args.text_len,
+                             video_len=args.video_len, audio_len=args.audio_len))
         out = save_model(args.out, variables, config, overwrite=args.overwrite,
                          metadata={"converted_from": report.source, "format": report.format})
     except (ConversionError, CheckpointError, ConfigError, OSError) as e:

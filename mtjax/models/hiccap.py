@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import chex
@@ -159,5 +160,11 @@ def dummy_batch(config: ModelConfig, batch_size: int = 2) -> dict[str, jax.Array
 
 def init_variables(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
     """Fresh `{'params', 'batch_stats'}` for `config` (eval-mode init: no dropout rng needed)."""
+    return _compiled_init(config)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(config: ModelConfig):
+    # One compile per config (configs are frozen and hashable), not one per call.
     model = HICCAP(config)
-    return jax.jit(lambda k: model.init(k, dummy_batch(config), train=False))(key)
+    return jax.jit(lambda k: model.init(k, dummy_batch(config), train=False))
