@@ -17,9 +17,11 @@ ORIGINAL_MULTITASK_WEIGHTS = {"mature": 0.1, "gory": 0.4, "slapstick": 0.2, "sar
 
 
 def clamped_log(p: jax.Array) -> jax.Array:
-    """max(log p, −100) whose gradient is 0 (not NaN) where p = 0."""
+    """max(log p, −100) whose gradient is 0 (not NaN) where p = 0. NaN stays NaN (as in
+    PyTorch): a NaN output must make its task loss non-finite, not a clamped 100."""
     positive = p > 0
-    return jnp.where(positive, jnp.maximum(jnp.log(jnp.where(positive, p, 1.0)), LOG_CLAMP), LOG_CLAMP)
+    out = jnp.where(positive, jnp.maximum(jnp.log(jnp.where(positive, p, 1.0)), LOG_CLAMP), LOG_CLAMP)
+    return jnp.where(jnp.isnan(p), p, out)
 
 
 def bce_per_example(probs: jax.Array, onehot: jax.Array) -> jax.Array:

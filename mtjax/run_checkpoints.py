@@ -29,6 +29,23 @@ STATE = "state"
 RUN = "run"
 
 
+def _rank(metrics) -> tuple[float, int]:
+    # Higher selection metric is better; on a tie the earlier epoch wins (as Trainer.best).
+    return float(metrics["select"]), -int(metrics.get("epoch", 0))
+
+
+def uncommitted(tree):
+    """The same values as fresh (uncommitted) device arrays.
+
+    Orbax restores arrays committed to a device, while a freshly initialised state is
+    uncommitted; jit lowers the two differently (explicit shardings), so a resumed run
+    would compile its train step again, and once more per epoch for the mix of both
+    after the plateau schedule sets an (uncommitted) learning rate."""
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(jnp.asarray, jax.device_get(tree))
+
+
 def _all_finite(tree) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
                if np.issubdtype(np.asarray(x).dtype, np.floating))
@@ -39,11 +56,13 @@ class RunCheckpointer:
         self.directory = Path(directory).absolute()
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=keep),
-            cm.BestN(get_metric_fn=lambda metrics: metrics["select"], reverse=False, n=1),
+            cm.BestN(get_metric_fn=_rank, reverse=False, n=1),
         ])
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(preservation_policy=policy,
+            # best_fn is what makes orbax record the metrics with each step at all; without
+            # it best_step() silently returns the latest step and BestN never sees a metric.
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_rank, best_mode="max",
                                                  enable_async_checkpointing=async_save,
                                                  cleanup_tmp_directories=True),
         )
@@ -59,7 +78,7 @@ class RunCheckpointer:
             MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
             METADATA: ocp.args.JsonSave({"epoch": epoch, "kind": "training checkpoint"}),
             RUN: ocp.args.JsonSave(dict(run)),
-        }), metrics={"select": float(select_value)})
+        }), metrics={"select": float(select_value), "epoch": int(epoch)})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -78,7 +97,7 @@ class RunCheckpointer:
             STATE: ocp.args.StandardRestore(abstract_state),
             RUN: ocp.args.JsonRestore(),
         }))
-        return restored[STATE], dict(restored[RUN])
+        return uncommitted(restored[STATE]), dict(restored[RUN])
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -94,7 +113,8 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path
     ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if ckpts.is_dir():
-        manager = ocp.CheckpointManager(ckpts.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+        manager = ocp.CheckpointManager(ckpts.absolute(), options=ocp.CheckpointManagerOptions(
+            read_only=True, best_fn=_rank, best_mode="max"))
         epoch = manager.best_step() if manager.best_step() is not None else manager.latest_step()
         if epoch is not None:
             return ckpts / str(epoch)

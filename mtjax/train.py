@@ -33,7 +33,7 @@ from mtjax.losses import weights_vector
 from mtjax.metrics import compute_metrics
 from mtjax.models.hiccap import MODEL_INPUTS, init_variables
 from mtjax.mtl.registry import make_aggregator, make_weighting
-from mtjax.run_checkpoints import RunCheckpointer
+from mtjax.run_checkpoints import RunCheckpointer, uncommitted
 from mtjax.schedules import make_schedule, split_strategy_options
 from mtjax.train_step import (TrainState, init_train_state, learning_rate, make_eval_step,
                               make_optimizer, make_train_step, set_learning_rate)
@@ -88,7 +88,18 @@ def evaluate(eval_fn, params, batch_stats, dataset: ClipDataset, batch_size: int
         for t in probs:
             probs[t].append(np.asarray(out[t][:len(idx)]))
     probs = {t: np.concatenate(v) for t, v in probs.items()}
-    return compute_metrics(probs, dataset.arrays["labels"], dataset.arrays["label_mask"])
+    labels = dataset.arrays["labels"]
+    bad = {t: ~np.isfinite(p).all(axis=1) for t, p in probs.items()}
+    if any(b.any() for b in bad.values()):
+        # compute_metrics refuses NaN. A diverged model (finite weights, non-finite outputs)
+        # must score low rather than crash the run: its non-finite outputs count as wrong.
+        for t, b in bad.items():
+            probs[t][b] = 1.0 - np.asarray(labels[t])[b]
+        clips = [dataset.clips[i] for i in np.flatnonzero(np.any(list(bad.values()), axis=0))]
+        print(f"warning: non-finite outputs on {len(clips)} of {len(dataset)} clips "
+              f"(tasks {[t for t, b in bad.items() if b.any()]}), counted as wrong; first: {clips[:5]}",
+              file=sys.stderr)
+    return compute_metrics(probs, labels, dataset.arrays["label_mask"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -273,7 +284,8 @@ class Trainer:
         best_epoch = self.checkpoints.best_epoch()
         if best_epoch is None:
             raise CheckpointError("no checkpoint was written: nothing to test")
-        _, variables, _ = load_model(self.checkpoints.step_dir(best_epoch))
+        # uncommitted like the training state, so the eval step compiled for validation is reused
+        variables = uncommitted(load_model(self.checkpoints.step_dir(best_epoch))[1])
         test_set = self.datasets[self.exp.data.test_split]
         test = evaluate(self.eval_step, variables["params"], variables["batch_stats"], test_set,
                         self.exp.data.eval_batch_size)
