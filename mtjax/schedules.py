@@ -391,6 +391,10 @@ class DynamicStopAndGo(Schedule):
     - a stopped task goes again when m falls more than `go_threshold` (0.5%) below its best
       evaluation so far; its stop test then starts afresh from that evaluation, so it
       needs `window` more evaluations before it can stop again.
+    A falling metric is also "< 0.1% improvement"; a go task that is already more than
+    `go_threshold` below its best therefore stays in go (the two rules would otherwise stop
+    it and restart it at the next evaluation, losing an epoch of a diverging task): only a
+    task on a plateau near its best stops.
     `threshold_mode` 'rel' (default, as 12-in-1's released controller) measures both in
     units of the reference value (the best before / the best so far); 'abs' in metric
     units (F1 0.001 = 0.1 point). So a task can first stop after window + 1 evaluations.
@@ -482,7 +486,8 @@ class DynamicStopAndGo(Schedule):
                 self.history[i] = [m]
                 self.transitions.append({"epoch": epoch, "task": t, "to": "go", "value": m})
                 print(f"dsg: epoch {epoch}: {t} goes again ({self.metric} {m:.4f}, best {self.best[i]:.4f})")
-            elif not self.stopped[i] and self.plateaued(self.history[i]):
+            elif (not self.stopped[i] and self.plateaued(self.history[i])
+                  and not self.diverged(m, self.best[i])):
                 self.stopped[i] = True
                 self.transitions.append({"epoch": epoch, "task": t, "to": "stop", "value": m})
                 print(f"dsg: epoch {epoch}: {t} stops ({self.metric} {m:.4f}; updated every {self.iter_gap} steps)")

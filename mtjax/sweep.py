@@ -402,11 +402,14 @@ def sweep(config: str | Path, strategies: Sequence[str], seeds: Sequence[int], o
             summaries.append(run_one(strategy, seed, exp, resume=resume))
     tasks = list(runs[0][2].tasks_if_known or _tasks_of(summaries))
     rows = aggregate(summaries, strategies, tasks)
-    notes = [f"config `{config}`, seeds {', '.join(map(str, seeds))}; total sweep wall time "
-             f"{(time.perf_counter() - t0) / 60:.1f} min on {jax.default_backend()} ({os.cpu_count()} CPUs)",
+    run_minutes = sum(s.get("wall_s") or 0.0 for s in summaries) / 60
+    notes = [f"config `{config}`, seeds {', '.join(map(str, seeds))}; wall time of the runs "
+             f"{run_minutes:.1f} min (this invocation {(time.perf_counter() - t0) / 60:.1f} min; reused runs "
+             f"count with their original time) on {jax.default_backend()} ({os.cpu_count()} CPUs)",
              "steps/s: optimizer steps per second of wall time over each run's epochs after the first "
-             "(the first includes compilation); clips/s: real (unpadded) clips per second over the same epochs; "
-             "a round_robin step sees one task, a dynamic_difficulty_sampling step holds B + 2T rows",
+             "(the first includes compilation); clips/s: real (unpadded) rows per second over the same epochs, "
+             "as the trainer counts them (a round_robin batch counts once per task step; a "
+             "dynamic_difficulty_sampling step holds up to B + 2T rows)",
              "peak RSS: the process's resident-set high-water mark, reset before each run "
              "(/proc/self/clear_refs) so it is per run" if all(s.get("peak_rss_per_run") for s in summaries)
              else "peak RSS: resource.getrusage ru_maxrss, the process-wide peak so far (not per run)"]
