@@ -229,7 +229,8 @@ class Trainer:
         from tqdm import tqdm
 
         bar = tqdm(self.schedule.steps(epoch), desc=f"epoch {epoch}",
-                   disable=not self.exp.train.progress_bar, leave=False)
+                   # A bar only on a terminal: in logs and CI it would print a line per update.
+                   disable=not (self.exp.train.progress_bar and sys.stderr.isatty()), leave=False)
         seen, losses, t0 = 0, [], time.perf_counter()
         for clips, batch, mask in bar:
             self.state["train"], metrics = self.train_step(self.state["train"], batch, mask)

@@ -79,7 +79,9 @@ def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTran
                      num_tasks: int, rng: jax.Array) -> TrainState:
     rng, w_key = jax.random.split(rng)
     weighting_state = weighting.init(num_tasks, w_key)
-    weight_params = weighting.params(weighting_state)
+    # A copy: the weighting state holds the same arrays, and a donated state must not
+    # hold one buffer twice.
+    weight_params = jax.tree_util.tree_map(jnp.copy, weighting.params(weighting_state))
     params = variables["params"]
     shared = {k: v for k, v in params.items() if not is_task_specific(k)}
     aggregator_state = aggregator.init(shared) if aggregator is not None else ()
@@ -152,7 +154,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             weights = jax.lax.stop_gradient(weighting.weights(state.weighting_state, losses)) * task_mask
             (per_task,) = jax.vmap(vjp_fn)(jnp.diag(weights))
             shared = {k: v for k, v in per_task.items() if not is_task_specific(k)}
-            own = {k: jnp.sum(v, axis=0) for k, v in per_task.items() if is_task_specific(k)}
+            own = {k: jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v)  # heads are nested dicts
+                   for k, v in per_task.items() if is_task_specific(k)}
             shared_params = {k: v for k, v in state.params.items() if not is_task_specific(k)}
             combined, aggregator_state = aggregator.update(shared, state.aggregator_state, shared_params)
             g_model = {**jax.tree_util.tree_map(lambda x: x, combined), **own}
