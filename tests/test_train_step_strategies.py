@@ -46,14 +46,18 @@ def _run_two_steps(weighting_name, aggregator_name=None):
     return state
 
 
-@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+# The weightings whose step differs from a fixed weighted sum: learnable parameters
+# (naive, uncertainty), reference-layer gradients (gradnorm), losses after the update
+# (famo), per-epoch state (dwa). Each case compiles a step, so the fixed ones are left out.
+@pytest.mark.parametrize("name", ["naive_learnable", "uncertainty", "gradnorm", "famo", "dwa"])
 def test_weighting_in_donated_step(name):
+    assert name in WEIGHTINGS
     # Learnable weightings keep their parameters both in the optimizer's tree and in the
     # weighting state: a donated state must not hold one buffer twice.
     _run_two_steps(name)
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "mgda", "graddrop", "upgrad"])
+@pytest.mark.parametrize("name", ["pcgrad", "upgrad"])
 def test_aggregator_in_donated_step(name):
     assert name in AGGREGATORS
     _run_two_steps("unweighted", name)
