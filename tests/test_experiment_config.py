@@ -81,9 +81,9 @@ def test_shipped_adamw_values():
 def test_shipped_demo_values():
     e = load_experiment(CONFIGS / "demo.yaml")
     assert e.model.init_checkpoint == "demo_out/minilm_model" and e.data.root == "demo_out/data"
-    assert e.model.overrides["text_len"] == 128
+    assert e.model.overrides["text_len"] == 64
     assert e.model.overrides["tasks"] == ("binary", "mature", "gory", "slapstick", "sarcasm")
-    assert (e.optim.name, e.optim.lr, e.data.batch_size, e.train.epochs) == ("adamw", 1e-4, 8, 4)
+    assert (e.optim.name, e.optim.lr, e.data.batch_size, e.train.epochs) == ("adamw", 1e-4, 8, 3)
     assert (e.strategy.schedule, e.loss.weighting) == ("all_at_once", "unweighted")
 
 
