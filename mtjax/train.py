@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -104,16 +104,44 @@ def evaluate(eval_fn, params, batch_stats, dataset: ClipDataset, batch_size: int
 
 # ----------------------------------------------------------------------------- the loop
 
+def _scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Flattens a log record's numbers into (tag, value) pairs: `val/per_task/gory/f1`."""
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _scalars(value, tag + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield tag, float(value)
+
+
 class MetricsLog:
-    def __init__(self, path: Path):
+    """`metrics.jsonl`, mirrored to TensorBoard event files when a writer is installed
+    (`torch.utils.tensorboard` needs the `tensorboard` package; without it, JSONL only)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
         self.file = path.open("a")
+        self.tensorboard = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None and record.get("kind") in ("step", "epoch"):
+            kind = record["kind"]
+            x = record["step"] if kind == "step" else record["epoch"]
+            for tag, value in _scalars({k: v for k, v in record.items() if k not in ("kind", "step", "epoch")}):
+                self.tensorboard.add_scalar(f"{kind}/{tag}", value, x)
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _host_float(x) -> float:
@@ -246,7 +274,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         exp = self.exp
-        log = MetricsLog(self.run_dir / "metrics.jsonl")
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard")
         val_set = self.datasets[exp.data.val_split]
         try:
             for epoch in range(self.epoch, exp.train.epochs):

@@ -37,3 +37,4 @@ def test_well_formed_batch_passes(model_and_vars):
     out = model.apply(variables, dummy_batch(config, 3))
     assert set(out) == set(config.tasks)
     assert all(p.shape == (3, 2) for p in out.values())
+
