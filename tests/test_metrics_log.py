@@ -1,4 +1,6 @@
 """The run log: JSONL plus a TensorBoard mirror when a writer is installed."""
+
+
 def test_metrics_log_flattens_records_for_tensorboard(tmp_path):
     """The TensorBoard mirror gets every number of a record under a readable tag."""
     from mtjax.train import MetricsLog, _scalars
