@@ -16,6 +16,7 @@ FINE_GRAINED_TASKS = ("mature", "gory", "slapstick", "sarcasm")
 BINARY_TASK = "binary"
 VARIANTS = ("multitask", "binary")
 POOLING_MODES = ("faithful", "stable")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,16 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     # HF builds the word embedding with `padding_idx=pad_token_id`: that row gets no gradient.
     pad_token_id: int | None = 0
+    # Not an HF field (kept out of `to_hf_dict`): the self-attention kernel. 'xla' = the
+    # written-out softmax(qkᵀ)v with dropout on the probabilities; 'cudnn' = cuDNN fused
+    # (flash) attention via `jax.nn.dot_product_attention`, used only where it computes the
+    # same function: GPU, bf16 compute, no attention dropout active (eval/predict, or
+    # training with attention_probs_dropout_prob = 0); elsewhere the 'xla' path runs.
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"bert.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any]) -> "BertConfig":
@@ -60,7 +71,9 @@ class BertConfig:
         return cls.from_hf_dict(data)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "hidden_act": "gelu", "model_type": "bert"}
+        d = dataclasses.asdict(self)
+        d.pop("attention_impl")
+        return {**d, "hidden_act": "gelu", "model_type": "bert"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention shared by BERT and the fusion's cross-attention."""
+"""Scaled dot-product attention and the Dense layer shared by BERT and the fusion."""
 
 from __future__ import annotations
 
@@ -6,11 +6,57 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+# cuDNN's fused attention takes half-precision operands only.
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@jax.custom_vjp
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+    return _add_bias(y, bias), None
+
+
+def _add_bias_bwd(_, g):
+    # The bias gradient sums the cotangent over every batch and sequence position
+    # (16k rows for BERT at batch 32): accumulate it in float32, not in bf16.
+    return g, jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - 1)))
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same parameters, same forward) whose bias gradient accumulates in
+    float32 when the compute dtype is lower; identical to `nn.Dense` in float32."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        dtype = jnp.dtype(self.dtype or jnp.result_type(inputs, kernel))
+        y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype),
+                                (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if bias is None:
+            return y
+        if dtype == bias.dtype:
+            return y + bias.astype(dtype)
+        return _add_bias(y, bias)
+
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """(B, L, d) -> (B, L, H, d/H)."""
     b, l, d = x.shape
     return x.reshape(b, l, num_heads, d // num_heads)
+
+
+def use_cudnn(implementation: str, q: jax.Array, dropout: nn.Dropout, deterministic: bool) -> bool:
+    """Whether the fused kernel computes exactly this attention: it has no dropout on the
+    probabilities, runs on NVIDIA GPUs only and takes bf16/fp16 operands."""
+    return (implementation == "cudnn" and (deterministic or dropout.rate == 0.0)
+            and q.dtype in _CUDNN_DTYPES and jax.default_backend() == "gpu")
 
 
 def dot_product_attention(
@@ -21,13 +67,24 @@ def dot_product_attention(
     bias: jax.Array | None,
     dropout: nn.Dropout,
     deterministic: bool,
+    implementation: str = "xla",
 ) -> jax.Array:
     """softmax(q·kᵀ/√dₕ + bias) · v over heads laid out (B, L, H, dₕ); returns (B, Lq, H·dₕ).
 
-    Written out (not `jax.nn.dot_product_attention`) because both BERT and the fusion put
-    dropout on the attention probabilities, which the fused kernels do not offer.
-    Softmax statistics run in float32 whatever the compute dtype.
+    `bias` broadcasts to (B, H, Lq, Lk). The 'xla' path is written out because both BERT
+    and the fusion put dropout on the attention probabilities, which the fused kernels do
+    not offer; its softmax statistics run in float32 whatever the compute dtype.
+    `implementation='cudnn'` switches to cuDNN's fused attention where `use_cudnn` allows
+    (its softmax also accumulates in float32) and silently keeps the 'xla' path elsewhere.
     """
+    b, lq, h, dh = q.shape
+    if use_cudnn(implementation, q, dropout, deterministic):
+        if bias is not None:
+            # cuDNN wants a full (.., Lq, Lk) bias in the operand dtype; the −10000 mask
+            # value rounds in bf16 but still underflows exp() to exactly 0, as in fp32.
+            bias = jnp.broadcast_to(bias, (bias.shape[0], 1, lq, k.shape[1])).astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+        return out.reshape(b, lq, h * dh)
     depth = q.shape[-1]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(depth, q.dtype))
     scores = scores.astype(jnp.float32)
@@ -36,5 +93,4 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    b, lq, h, dh = out.shape
     return out.reshape(b, lq, h * dh)

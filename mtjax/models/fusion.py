@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from mtjax.models.attention import dot_product_attention, split_heads
+from mtjax.models.attention import Dense, dot_product_attention, split_heads
 
 # The fusion's LayerNorms all use PyTorch's default eps (SPEC §2).
 FUSION_LN_EPS = 1e-5
@@ -27,7 +27,7 @@ class BertOutAttention(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, context, context_mask, *, deterministic: bool):
-        dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
+        dense = lambda name: Dense(self.hidden_size, dtype=self.dtype, name=name)
         q = split_heads(dense("query")(hidden), self.num_heads)
         k = split_heads(dense("key")(context), self.num_heads)
         v = split_heads(dense("value")(context), self.num_heads)
@@ -56,7 +56,7 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        x = nn.Dense(self.features, dtype=self.dtype, name="linear")(x)
+        x = Dense(self.features, dtype=self.dtype, name="linear")(x)
         x = nn.LayerNorm(epsilon=FUSION_LN_EPS, dtype=self.dtype, name="norm")(x)
         return nn.Dropout(0.3)(x, deterministic=deterministic)
 
@@ -90,7 +90,7 @@ class AdditivePooling(nn.Module):
     @nn.compact
     def __call__(self, h, mask):
         v = self.param("v", nn.initializers.uniform(scale=1.0), (self.hidden_size,))
-        u = jnp.tanh(nn.Dense(self.hidden_size, dtype=self.dtype, name="linear")(h))
+        u = jnp.tanh(Dense(self.hidden_size, dtype=self.dtype, name="linear")(h))
         scores = jnp.einsum("bld,d->bl", u.astype(jnp.float32), v)
         mask = mask.astype(jnp.float32)
         if self.mode == "faithful":

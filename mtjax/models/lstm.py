@@ -10,14 +10,25 @@ PyTorch), kernels stored (in, out) i.e. transposed from PyTorch.
 
 For speed the input projection of all time steps is one matmul, and both directions
 advance in one `lax.scan` (the backward direction scans the time-reversed input), so the
-recurrence is the only sequential part.
+recurrence is the only sequential part. Its gradient is written by hand (`recurrence`,
+a `jax.custom_vjp`): the reverse scan computes only the gate gradients (one small matmul
+per step) and the recurrent weight gradient is one matmul over all steps afterwards,
+where autodiff of the scan would accumulate it step by step (see docs/perf_notes.md).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+# "custom_vjp" (hand-written backward, the default) or "autodiff" (jax.grad of the scan);
+# the same function and gradient, kept switchable for benchmarks and tests.
+RECURRENCE = "custom_vjp"
+# `lax.scan(unroll=...)` of the recurrence (forward and backward).
+SCAN_UNROLL = 4
 
 
 def _torch_lstm_init(hidden: int):
@@ -29,6 +40,72 @@ def _torch_lstm_init(hidden: int):
     return init
 
 
+def _gates(a: jax.Array):
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _scan(projected, w_hh, b_hh, dtype, *, save: bool):
+    """The recurrence over (T, Z, B, 4H) projected inputs (Z directions); returns hs
+    (T, Z, B, H), plus (cs, activations) for the backward pass when `save`."""
+    w = w_hh.astype(dtype)
+    _, z, b, h4 = projected.shape
+
+    def step(carry, proj_t):
+        h, c = carry  # (Z, B, H) each, float32
+        gates = proj_t + jnp.einsum("zbh,zhg->zbg", h.astype(dtype), w).astype(jnp.float32) + b_hh[:, None, :]
+        i, f, g, o = _gates(gates)
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        return (h, c), ((h, c, jnp.concatenate([i, f, g, o], axis=-1)) if save else h)
+
+    zeros = jnp.zeros((z, b, h4 // 4), jnp.float32)
+    _, out = jax.lax.scan(step, (zeros, zeros), projected, unroll=SCAN_UNROLL)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def recurrence(projected, w_hh, b_hh, dtype):
+    """LSTM recurrence: gates_t = projected_t + h_{t-1}·W_hh + b_hh, (i, f, g, o) gates,
+    c_t = f·c_{t-1} + i·g, h_t = o·tanh(c_t), from zero states; returns hs (T, Z, B, H).
+    `w_hh` (Z, H, 4H) float32 is cast to `dtype` for the matmul; the rest is float32."""
+    return _scan(projected, w_hh, b_hh, dtype, save=False)
+
+
+def _recurrence_fwd(projected, w_hh, b_hh, dtype):
+    hs, cs, acts = _scan(projected, w_hh, b_hh, dtype, save=True)
+    return hs, (w_hh, hs, cs, acts)
+
+
+def _recurrence_bwd(dtype, res, dhs):
+    w_hh, hs, cs, acts = res
+    w = w_hh.astype(dtype)
+    zero = jnp.zeros_like(hs[:1])
+    h_prev = jnp.concatenate([zero, hs[:-1]])
+    c_prev = jnp.concatenate([zero, cs[:-1]])
+
+    def step(carry, xs):
+        dh_rec, dc_next = carry            # from step t+1: through h_t and c_t
+        dh_out, c_t, c_p, a = xs
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        dh = dh_out + dh_rec
+        tc = jnp.tanh(c_t)
+        dc = dc_next + dh * o * (1.0 - tc * tc)
+        dgates = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_p * f * (1.0 - f),
+                                  dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], axis=-1)
+        dh_rec = jnp.einsum("zbg,zhg->zbh", dgates.astype(dtype), w).astype(jnp.float32)
+        return (dh_rec, dc * f), dgates
+
+    zeros = jnp.zeros_like(hs[0])
+    _, dgates = jax.lax.scan(step, (zeros, zeros), (dhs, cs, c_prev, acts), reverse=True, unroll=SCAN_UNROLL)
+    # The recurrent weight's gradient over all steps at once (T·B rows), in float32.
+    d_w = jnp.einsum("tzbh,tzbg->zhg", h_prev, dgates).astype(w_hh.dtype)
+    return dgates, d_w, jnp.sum(dgates, axis=(0, 2))
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 class BiLSTMLayer(nn.Module):
     hidden: int
     dtype: jnp.dtype = jnp.float32
@@ -38,26 +115,24 @@ class BiLSTMLayer(nn.Module):
         batch, _, in_dim = x.shape
         h4 = 4 * self.hidden
         init = _torch_lstm_init(self.hidden)
+        # Matmul operands in the compute dtype; biases, gate pre-activations and the cell
+        # state in float32 (each product is rounded once, the sums are not). The casts sit
+        # after the einsums because XLA:CPU has no bf16 x bf16 -> f32 dot.
+        f32 = jnp.float32
         w_ih = self.param("weight_ih", init, (2, in_dim, h4)).astype(self.dtype)
-        w_hh = self.param("weight_hh", init, (2, self.hidden, h4)).astype(self.dtype)
-        b_ih = self.param("bias_ih", init, (2, h4)).astype(self.dtype)
-        b_hh = self.param("bias_hh", init, (2, h4)).astype(self.dtype)
+        w_hh = self.param("weight_hh", init, (2, self.hidden, h4))  # cast inside the recurrence
+        b_ih = self.param("bias_ih", init, (2, h4)).astype(f32)
+        b_hh = self.param("bias_hh", init, (2, h4)).astype(f32)
 
         x = x.astype(self.dtype)
         both = jnp.stack([x, x[:, ::-1]])  # (2, B, T, in): backward reads time reversed
-        projected = jnp.einsum("zbti,zig->tzbg", both, w_ih) + b_ih[None, :, None, :]
+        projected = (jnp.einsum("zbti,zig->tzbg", both, w_ih).astype(f32)
+                     + b_ih[None, :, None, :])
 
-        def step(carry, proj_t):
-            h, c = carry  # (2, B, H) each, state kept in float32
-            gates = proj_t + jnp.einsum("zbh,zhg->zbg", h.astype(self.dtype), w_hh) + b_hh[:, None, :]
-            gates = gates.astype(jnp.float32)
-            i, f, g, o = jnp.split(gates, 4, axis=-1)
-            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-            h = jax.nn.sigmoid(o) * jnp.tanh(c)
-            return (h, c), h
-
-        zeros = jnp.zeros((2, batch, self.hidden), jnp.float32)
-        _, hs = jax.lax.scan(step, (zeros, zeros), projected)  # (T, 2, B, H)
+        if RECURRENCE == "custom_vjp":
+            hs = recurrence(projected, w_hh, b_hh, jnp.dtype(self.dtype))
+        else:
+            hs = _scan(projected, w_hh, b_hh, jnp.dtype(self.dtype), save=False)
         forward = jnp.swapaxes(hs[:, 0], 0, 1)
         backward = jnp.swapaxes(hs[::-1, 1], 0, 1)
         return jnp.concatenate([forward, backward], axis=-1).astype(self.dtype)
