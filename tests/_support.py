@@ -66,3 +66,25 @@ def flax_variables_from_reference(reference, config: ModelConfig | None = None):
 
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# A very small experiment for trainer-level tests; format with `out`, `data` and `epochs`.
+TINY_EXPERIMENT = """name: tiny
+output_dir: {out}
+model:
+  overrides:
+    bert: {{vocab_size: 30522, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, max_position_embeddings: 32}}
+    text_len: 24
+    video_len: 4
+    audio_len: 4
+    video_dim: 8
+    audio_dim: 6
+    lstm_hidden: 4
+    lstm_layers: 1
+    fusion_heads: 2
+    head_dims: [8, 4, 4]
+    tasks: [binary, mature, gory]
+data: {{root: {data}, fine_grained_on_positives: true, batch_size: 6, eval_batch_size: 16}}
+optim: {{name: adamw, lr: 3e-3}}
+train: {{epochs: {epochs}, log_every: 1, progress_bar: false, async_checkpoints: false, keep_checkpoints: 1}}
+"""

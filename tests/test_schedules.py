@@ -9,6 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tests._support import TINY_EXPERIMENT
+
 from mtjax.config import ConfigError, ModelConfig
 from mtjax.data import ClipDataset, DataError
 from mtjax.schedules import (SCHEDULES, Curriculum, DynamicDifficultySampling, DynamicStopAndGo,
@@ -424,27 +426,7 @@ def test_strategy_options_are_split_between_schedule_and_aggregator():
 
 # ----------------------------------------------------------------------------- short training runs
 
-TINY = """
-name: sched
-output_dir: {out}
-model:
-  overrides:
-    bert: {{vocab_size: 30522, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, max_position_embeddings: 32}}
-    text_len: 24
-    video_len: 4
-    audio_len: 4
-    video_dim: 8
-    audio_dim: 6
-    lstm_hidden: 4
-    lstm_layers: 1
-    fusion_heads: 2
-    head_dims: [8, 4, 4]
-    tasks: [binary, mature, gory]
-data: {{root: {data}, fine_grained_on_positives: true, batch_size: 6, eval_batch_size: 16}}
-optim: {{name: adamw, lr: 3e-3}}
-train: {{epochs: {epochs}, log_every: 1, progress_bar: false, async_checkpoints: false, keep_checkpoints: 1}}
-strategy: {{schedule: {schedule}, options: {options}}}
-"""
+TINY = TINY_EXPERIMENT + "strategy: {{schedule: {schedule}, options: {options}}}\n"
 
 
 @pytest.fixture(scope="module")

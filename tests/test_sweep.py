@@ -8,28 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from tests._support import TINY_EXPERIMENT
 from mtjax.sweep import SweepError, aggregate, main, plan_runs, strategy_overrides
 
-CONFIG = """
-name: tiny
-output_dir: unused
-model:
-  overrides:
-    bert: {{vocab_size: 30522, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, max_position_embeddings: 32}}
-    text_len: 24
-    video_len: 4
-    audio_len: 4
-    video_dim: 8
-    audio_dim: 6
-    lstm_hidden: 4
-    lstm_layers: 1
-    fusion_heads: 2
-    head_dims: [8, 4, 4]
-    tasks: [binary, mature, gory]
-data: {{root: {data}, fine_grained_on_positives: true, batch_size: 6, eval_batch_size: 16}}
-optim: {{name: adamw, lr: 3e-3}}
-train: {{epochs: 2, log_every: 1, progress_bar: false, async_checkpoints: false, keep_checkpoints: 1}}
-"""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -41,7 +22,7 @@ def config(tmp_path_factory):
     make_synthetic_dataset(root / "data", 50, seed=0, video_dim=8, audio_dim=6, video_frames_max=6,
                            audio_frames_max=6, max_sentences=2)
     path = root / "tiny.yaml"
-    path.write_text(CONFIG.format(data=root / "data"))
+    path.write_text(TINY_EXPERIMENT.format(out="unused", data=root / "data", epochs=2))
     return path
 
 
