@@ -23,6 +23,13 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid model or run."""
 
 
+def reject_unknown_keys(cls, data: Mapping[str, Any], what: str) -> None:
+    """A dataclass-backed config section must not carry keys its class does not define."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what} keys: {unknown}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """The subset of a Hugging Face `BertConfig` that shapes a BERT encoder."""
@@ -158,16 +165,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {unknown}")
+        reject_unknown_keys(cls, data, "model config")
         data = dict(data)
         if "bert" in data and not isinstance(data["bert"], BertConfig):
-            bknown = {f.name for f in dataclasses.fields(BertConfig)}
-            bunknown = sorted(set(data["bert"]) - bknown)
-            if bunknown:
-                raise ConfigError(f"unknown model.bert config keys: {bunknown}")
+            reject_unknown_keys(BertConfig, data["bert"], "model.bert config")
             data["bert"] = BertConfig(**data["bert"])
         return cls(**data)
 

@@ -38,6 +38,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mtjax.config import reject_unknown_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
@@ -65,10 +67,7 @@ class ParallelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ParallelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown parallel config keys: {unknown}")
+        reject_unknown_keys(cls, data, "parallel config")  # a ConfigError, i.e. a ValueError
         return cls(**data)
 
 

@@ -94,6 +94,12 @@ def _identity(state):
     return state
 
 
+def _no_update(state, *, losses=None, ref_grads=None, new_losses=None):
+    # Weightings whose state only changes through their parameters (or never).
+    del losses, ref_grads, new_losses
+    return state
+
+
 def _no_params(state):
     del state
     return {}
@@ -146,11 +152,7 @@ def _static_weighting(name: str, make: Callable[[int], Array]) -> Weighting:
         del losses
         return state.weights
 
-    def update(state, *, losses=None, ref_grads=None, new_losses=None):
-        del losses, ref_grads, new_losses
-        return state
-
-    return Weighting(name, init, weights, _fixed_loss(weights), update, _identity, _no_params,
+    return Weighting(name, init, weights, _fixed_loss(weights), _no_update, _identity, _no_params,
                      _keep_state)
 
 
@@ -202,11 +204,7 @@ def naive_learnable(init_value: float = 1.0) -> Weighting:
         del state
         return jnp.sum(wparams["w"] * losses)
 
-    def update(state, *, losses=None, ref_grads=None, new_losses=None):
-        del losses, ref_grads, new_losses
-        return state
-
-    return Weighting("naive_learnable", init, weights, loss, update, _identity,
+    return Weighting("naive_learnable", init, weights, loss, _no_update, _identity,
                      lambda s: s.params, lambda s, p: s._replace(params=p), learnable=True)
 
 
@@ -259,11 +257,7 @@ def uncertainty(init_log_var: float = 0.0) -> Weighting:
         del state
         return uncertainty_loss(wparams["log_var"], losses)
 
-    def update(state, *, losses=None, ref_grads=None, new_losses=None):
-        del losses, ref_grads, new_losses
-        return state
-
-    return Weighting("uncertainty", init, weights, loss, update, _identity,
+    return Weighting("uncertainty", init, weights, loss, _no_update, _identity,
                      lambda s: s.params, lambda s, p: s._replace(params=p), learnable=True)
 
 
