@@ -9,7 +9,9 @@ With no --modes/--batch-sizes it runs DEFAULT_PLAN (18 configs, ~20 min on an H2
 compilation); on a machine that limits one command's time, run it in groups with --modes
 and --json, then --merge. Other switches: --model KEY=VALUE (ModelConfig overrides, e.g.
 bert.attention_impl=cudnn), --set MODULE.ATTR=VALUE (A/B switches in mtjax.models, e.g.
-lstm.SCAN_UNROLL=1), --profile DIR (GPU kernel summary of 3 extra steps), --prng IMPL.
+lstm.SCAN_UNROLL=1), --profile DIR (GPU kernel summary of 3 extra steps), --prng IMPL,
+--devices N (data parallel train steps over N GPUs; batch sizes are global), --cache-dir DIR
+(persistent compilation cache across the fresh processes).
 
 Full size = bert-base shapes, random weights, text 500, video 36x1024, audio 63x128, the
 four fine-grained heads and the original multi-task loss (0.1/0.4/0.2/0.2). A train step
@@ -21,6 +23,8 @@ Modes (`impl-kind-precision`):
                                under "tensorfloat32"; bf16 = `ModelConfig(dtype='bfloat16')`
                                (bf16 compute, fp32 params/Adam/loss/softmax/LN statistics).
   jax-pcgrad-{...}             per-task gradients (one forward + vmapped VJP, T=4) + PCGrad.
+  jax-pcgradfeat-{...}         PCGrad on the per-task gradients of the shared features
+                               (`aggregate_on='features'`: one trunk backward).
   jax-eval-{...}               `make_eval_step` on a batch already on the device.
   jax-predict-{...}            `mtjax.predict.make_eval_fn` fed host numpy batches, results
                                fetched to the host every batch (what `predict` does).
@@ -60,6 +64,9 @@ from pathlib import Path
 from typing import Any
 
 PEAK_FLOPS = {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12}
+# Kinds that run a train step; the two per-task-gradient kinds differ in what PCGrad sees.
+TRAIN_KINDS = ("train", "pcgrad", "pcgradfeat")
+PER_TASK_KINDS = {"pcgrad": "parameters", "pcgradfeat": "features"}
 MULTITASK_WEIGHTS = (0.1, 0.4, 0.2, 0.2)
 
 # What `python -m mtjax.bench` runs with no --modes/--batch-sizes: the comparisons of
@@ -131,7 +138,7 @@ def step_flops(config, kind: str, batch: int) -> float | None:
     if kind == "lstm":  # a component timing: no MFU
         return None
     fwd = model_flops_per_clip(config) * batch
-    return 3 * fwd if kind in ("train", "pcgrad") else fwd
+    return 3 * fwd if kind in TRAIN_KINDS else fwd
 
 
 # ----------------------------------------------------------------------------- specs
@@ -142,7 +149,7 @@ def parse_mode(mode: str) -> tuple[str, str, str]:
     if len(parts) != 3 or parts[0] not in ("jax", "torch"):
         raise ValueError(f"mode {mode!r}: expected impl-kind-precision, e.g. jax-train-bf16")
     impl, kind, prec = parts
-    kinds = {"jax": ("train", "pcgrad", "eval", "predict", "lstm"), "torch": ("train", "eval")}[impl]
+    kinds = {"jax": ("train", "pcgrad", "pcgradfeat", "eval", "predict", "lstm"), "torch": ("train", "eval")}[impl]
     precs = ("fp32", "tf32", "bf16") + (("compile",) if impl == "torch" else ())
     if kind not in kinds or prec not in precs:
         raise ValueError(f"mode {mode!r}: {impl} kinds {kinds}, precisions {precs}")
@@ -238,18 +245,24 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     host_batch = random_batch(cfg, B, seed=1)
     phases["init"] = time.perf_counter() - t_phase
 
-    if kind in ("train", "pcgrad"):
+    if kind in TRAIN_KINDS:
         opt = make_optimizer("adam", lr=1.5e-5)
         weighting = make_weighting("predefined", weights=MULTITASK_WEIGHTS)
-        aggregator = make_aggregator("pcgrad", num_tasks=len(cfg.tasks)) if kind == "pcgrad" else None
+        aggregator = make_aggregator("pcgrad", num_tasks=len(cfg.tasks)) if kind in PER_TASK_KINDS else None
         # One compiled program instead of hundreds of eager ops (each a small compile on a GPU).
         state = jax.jit(lambda v, k: init_train_state(v, opt, weighting, aggregator, num_tasks=len(cfg.tasks),
                                                       rng=k))(variables, jax.random.PRNGKey(1))
         del variables
         phases["state"] = time.perf_counter() - t_phase
-        step = jax.jit(make_train_step(cfg, opt, weighting, aggregator), donate_argnums=0)
-        batch = jax.device_put(host_batch)
+        step_fn = make_train_step(cfg, opt, weighting, aggregator,
+                                  aggregate_on=PER_TASK_KINDS.get(kind, "parameters"))
         mask = jnp.ones(len(cfg.tasks), jnp.float32)
+        n_devices = spec.get("devices") or 1
+        if n_devices > 1:
+            step, state, batch, extra["parallel"] = data_parallel_setup(step_fn, state, host_batch, mask, n_devices)
+        else:
+            step = jax.jit(step_fn, donate_argnums=0)
+            batch = jax.device_put(host_batch)
         t0 = time.perf_counter()
         with ctx:
             lowered = step.lower(state, batch, mask)
@@ -314,10 +327,55 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception:
         pass
     phases["total"] = time.perf_counter() - t_phase
-    stats = device.memory_stats() or {}
+    # The busiest device's peak (several only in data-parallel runs).
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    stats = {"peak_bytes_in_use": max(peaks)} if all(p is not None for p in peaks) else {}
     return dict(device=f"{device.platform}:{device.device_kind}", ms=med * 1e3,
                 times_ms=[t * 1e3 for t in times], compile_s=compile_s,
                 peak_bytes=stats.get("peak_bytes_in_use"), config=cfg.to_dict(), **extra)
+
+
+def data_parallel_setup(step_fn, state, host_batch, mask, n_devices: int):
+    """The train step over `n_devices` (mtjax.parallel: batch split, state replicated), and
+    a check that one step on the mesh equals one step on a single device on the same global
+    batch (losses and parameters), before the timed steps start.
+
+    Returns (jitted step, sharded state, sharded batch, check record)."""
+    import jax
+    import numpy as np
+
+    from mtjax.parallel import ParallelConfig, make_mesh, parallel_train_step, shard_batch, state_shardings
+
+    if jax.device_count() < n_devices:
+        raise RuntimeError(f"--devices {n_devices}: only {jax.device_count()} device(s) visible")
+    batch_size = len(host_batch["text"])
+    if batch_size % n_devices:
+        raise ValueError(f"batch {batch_size} is not divisible by {n_devices} devices")
+    # The single-device reference step runs first, on a copy (the steps donate their state).
+    single = jax.jit(step_fn)
+    ref_state, ref_metrics = single(jax.tree_util.tree_map(lambda x: x.copy(), state),
+                                    jax.device_put(host_batch), mask)
+    ref_params = jax.device_get(ref_state.params)
+    ref_loss, ref_norm = float(ref_metrics["loss"]), float(ref_metrics["grad_norm"])
+    del ref_state, single
+
+    pcfg = ParallelConfig(enabled=True)
+    mesh = make_mesh(pcfg, jax.devices()[:n_devices])
+    shardings = state_shardings(state, mesh, pcfg)
+    state = jax.device_put(state, shardings)
+    step = parallel_train_step(step_fn, mesh, shardings, pcfg)
+    batch = shard_batch(host_batch, mesh, pcfg)
+    state, metrics = step(state, batch, mask)
+    got = jax.device_get(state.params)
+    diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))), got, ref_params))
+    check = {"devices": n_devices, "per_device_batch": batch_size // n_devices,
+             "single_device_loss": ref_loss, "mesh_loss": float(metrics["loss"]),
+             "single_device_grad_norm": ref_norm, "mesh_grad_norm": float(metrics["grad_norm"]),
+             # Adam moves even a parameter whose gradient is round-off by ~lr: this bounds
+             # the update difference, the gradient norms show the gradients agree.
+             "max_abs_param_diff": max(diffs)}
+    return step, state, batch, check
 
 
 def random_variables(config, seed: int):
@@ -557,7 +615,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     apply_module_settings(spec.get("set"))
     record = {"mode": spec["mode"], "impl": impl, "kind": kind, "precision": prec, "batch": spec["batch"],
               "smoke": spec["smoke"], "model": {**(spec.get("model") or {}), **(spec.get("set") or {})},
-              "prng": spec.get("prng")}
+              "prng": spec.get("prng"), "devices": spec.get("devices")}
     try:
         out = run_jax(spec) if impl == "jax" else run_torch(spec)
     except Exception as e:  # one failed config (OOM, torch.compile) must not sink the table
@@ -595,16 +653,31 @@ def table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                                 else None),
                "mfu": r.get("mfu"), "ratio": None, "note": r.get("error", "")}
         if r["impl"] == "jax" and "error" not in r:
-            kind = {"pcgrad": "train", "predict": "eval"}.get(r["kind"], r["kind"])
+            kind = {"pcgrad": "train", "pcgradfeat": "train", "predict": "eval"}.get(r["kind"], r["kind"])
+            n = r.get("devices") or 1
             ref = _find(records, impl="torch", kind=kind, precision=r["precision"], batch=r["batch"])
-            if ref and r["kind"] != "pcgrad":  # the PyTorch research code's per-task step is not benchmarked
+            # The PyTorch research code's per-task step is not benchmarked; PyTorch runs on one GPU.
+            if ref and r["kind"] not in PER_TASK_KINDS and n == 1:
                 row["ratio"] = r["clips_per_s"] / ref["clips_per_s"]
             notes = []
-            if r["kind"] == "pcgrad":
+            if r["kind"] in PER_TASK_KINDS:
                 single = _find(records, impl="jax", kind="train", precision=r["precision"],
-                               batch=r["batch"], model=r["model"], run=r.get("run"))
+                               batch=r["batch"], model=r["model"], run=r.get("run"), devices=r.get("devices"))
+                notes.append(f"PCGrad on {PER_TASK_KINDS[r['kind']]}")
                 if single:
                     notes.append(f"{r['ms'] / single['ms']:.2f}x the single-loss step's time")
+            if n > 1:
+                notes.append(f"{n} devices, {r['batch'] // n} per device")
+                one = _find(records, impl="jax", kind=r["kind"], precision=r["precision"], batch=r["batch"] // n,
+                            model=r["model"], run=r.get("run"), devices=None)
+                if one:
+                    notes.append(f"{r['clips_per_s'] / one['clips_per_s']:.2f}x one device's clips/s")
+                check = r.get("parallel") or {}
+                if check:
+                    norm_rel = abs(check["mesh_grad_norm"] / check["single_device_grad_norm"] - 1)
+                    notes.append(f"vs one device on the same batch: loss {check['mesh_loss']:.6f} / "
+                                 f"{check['single_device_loss']:.6f}, grad norm rel. diff {norm_rel:.1e}, "
+                                 f"params after one step max |diff| {check['max_abs_param_diff']:.1e}")
             if r["kind"] == "train" and r["precision"] == "bf16":
                 compiled = _find(records, impl="torch", kind="train", precision="compile", batch=r["batch"])
                 if compiled:
@@ -720,6 +793,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", help="comma-separated JSONL files: print their table, run nothing")
     p.add_argument("--profile", metavar="DIR",
                    help="JAX configs: profile 3 extra steps into DIR and print a GPU kernel summary")
+    p.add_argument("--devices", type=int, default=1,
+                   help="JAX train configs: data parallel over this many devices (mtjax.parallel); "
+                        "--batch-sizes are then GLOBAL batches; one step is first checked against one device")
+    p.add_argument("--cache-dir", help="JAX persistent compilation cache (and XLA autotuning cache) shared by "
+                                       "the fresh processes: repeated or similar configs compile faster")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -744,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     elif not os.environ.get("MTJAX_BENCH_ASSUME_GPU") and not _has_gpu():
         print("mtjax.bench: no GPU visible; use --cpu-smoke for the tiny CPU run", file=sys.stderr)
         return 2
+    if args.cache_dir:  # read by JAX in every worker (jax_compilation_cache_dir)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(args.cache_dir)
     modes = args.modes.split(",") if args.modes else None
     sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None
     try:
@@ -758,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for mode, batch, plan_overrides in plan:
         spec = {"mode": mode, "batch": batch, "steps": steps, "warmup": warmup, "smoke": smoke,
+                "devices": args.devices if args.devices > 1 and parse_mode(mode)[1] in TRAIN_KINDS else None,
                 "model": _merge(plan_overrides, overrides), "prng": args.prng, "set": _parse_overrides(args.set, nest_bert=False),
                 "profile": os.path.join(args.profile, f"{mode}-b{batch}") if args.profile else None}
         t0 = time.perf_counter()

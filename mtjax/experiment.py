@@ -106,6 +106,9 @@ class LossSection:
 class StrategySection:
     schedule: Literal[SCHEDULES] = "all_at_once"
     aggregator: Optional[Literal[AGGREGATORS]] = None  # None = plain sum of weighted losses
+    # What the aggregator combines: per-task gradients of the shared parameters (exact, a
+    # backward per task) or of the shared features the heads read (one trunk backward).
+    aggregate_on: Literal["parameters", "features"] = "parameters"
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -408,6 +411,9 @@ def validate(exp: ExperimentConfig) -> None:
                 raise _err(f"loss.weights.{task}: must be >= 0, got {w}")
         if not any(w > 0 for w in l.weights.values()):
             raise _err("loss.weights: at least one weight must be positive")
+    if exp.strategy.aggregate_on != "parameters" and exp.strategy.aggregator is None:
+        raise _err(f"strategy.aggregate_on '{exp.strategy.aggregate_on}' says what a gradient aggregator "
+                   f"combines, but strategy.aggregator is not set")
     if exp.strategy.aggregator is not None and exp.strategy.schedule in SINGLE_TASK_SCHEDULES:
         raise _err(f"strategy.aggregator '{exp.strategy.aggregator}' needs per-task gradients of one "
                    f"step, but schedule '{exp.strategy.schedule}' steps on one task at a time")

@@ -181,7 +181,7 @@ class Trainer:
                                       max_steps_per_epoch=exp.train.max_steps_per_epoch,
                                       epochs=exp.train.epochs, **schedule_opts)
         step = make_train_step(self.config, self.optimizer, self.weighting, self.aggregator,
-                               l2=exp.loss.l2, l2_coef=exp.loss.l2_coef)
+                               aggregate_on=exp.strategy.aggregate_on, l2=exp.loss.l2, l2_coef=exp.loss.l2_coef)
         self.train_step = jax.jit(step, donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.config))
         self.plateau = build_plateau(exp) if exp.optim.schedule == "plateau" else None

@@ -25,6 +25,7 @@ from mtjax.losses import l2_norm_sum, masked_bce
 from mtjax.models.hiccap import MODEL_INPUTS, HICCAP
 
 L2_MODES = ("none", "reported_constant", "real")
+AGGREGATE_ON = ("parameters", "features")
 # GradNorm's reference: the last shared layer, i.e. the LayerNorms producing the pooled
 # features every head reads (their scales; their biases have no gradient through the
 # heads' train-mode BatchNorm).
@@ -103,30 +104,79 @@ def _select(pred, new, old):
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, weighting,
                     aggregator: optax.GradientTransformation | None = None, *,
+                    aggregate_on: str = "parameters",
                     l2: str = "none", l2_coef: float = 0.1,
                     deterministic: bool = False) -> Callable:
     """Builds the (un-jitted) step; jit it with `jax.jit(step, donate_argnums=0)`.
+
+    With an aggregator, `aggregate_on` says what its per-task gradients are:
+    - "parameters": the gradients of every shared parameter (exact; one forward, then a
+      backward per task through the whole trunk, batched);
+    - "features": the gradients of the shared features the heads read (B, 3d), as
+      MGDA-UB (Sener & Koltun, 2018) and LibMTL's `rep_grad` do: the per-task backward
+      stops at the heads, the aggregated feature gradient goes through the trunk once, so
+      the step costs about one single-loss step whatever the number of tasks.
 
     `deterministic=True` turns dropout off while BatchNorm stays in training mode (the
     mode of the train-step parity tests)."""
     if l2 not in L2_MODES:
         raise ValueError(f"l2 must be one of {L2_MODES}, got {l2!r}")
+    if aggregate_on not in AGGREGATE_ON:
+        raise ValueError(f"aggregate_on must be one of {AGGREGATE_ON}, got {aggregate_on!r}")
     if aggregator is not None and weighting.learnable:
         raise ValueError(f"weighting {weighting.name!r} learns its weights from the summed loss; "
                          f"it cannot be combined with a gradient aggregator")
     model = HICCAP(config)
     tasks = config.tasks
-    num_tasks = len(tasks)
 
-    def task_losses(params, batch_stats, batch, dropout_key):
+    def model_inputs(batch):
         inputs = {k: batch[k] for k in MODEL_INPUTS}
         if "example_mask" in batch:
             inputs["example_mask"] = batch["example_mask"]
-        probs, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs,
+        return inputs
+
+    def losses_of(probs, batch):
+        return jnp.stack([masked_bce(probs[t], batch["labels"][t], batch["label_mask"][t]) for t in tasks])
+
+    def task_losses(params, batch_stats, batch, dropout_key):
+        probs, updates = model.apply({"params": params, "batch_stats": batch_stats}, model_inputs(batch),
                                      train=True, deterministic=deterministic,
                                      rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-        losses = jnp.stack([masked_bce(probs[t], batch["labels"][t], batch["label_mask"][t]) for t in tasks])
-        return losses, updates["batch_stats"]
+        return losses_of(probs, batch), updates["batch_stats"]
+
+    def per_task_parameter_grads(params, batch_stats, batch, dropout_key, weights_of):
+        """Per-task gradients of every parameter: (losses, {name: (T, ...)}, new stats)."""
+        losses, vjp_fn, new_stats = jax.vjp(lambda p: task_losses(p, batch_stats, batch, dropout_key),
+                                            params, has_aux=True)
+        weights = weights_of(losses)
+        # One forward, then a batched backward: the VJP of the (T,) loss vector applied to
+        # the T one-hot cotangents gives every task's gradient in one vmapped pass.
+        (per_task,) = jax.vmap(vjp_fn)(jnp.diag(weights))
+        return losses, weights, per_task, new_stats
+
+    def feature_level_grads(params, batch_stats, batch, dropout_key, weights_of, aggregator_state):
+        """Aggregates per-task gradients of the shared features, then one trunk backward."""
+        shared_params = {k: v for k, v in params.items() if not is_task_specific(k)}
+        head_params = {k: v for k, v in params.items() if is_task_specific(k)}
+        inputs = model_inputs(batch)
+        features, trunk_vjp = jax.vjp(
+            lambda p: model.apply({"params": p}, inputs, deterministic=deterministic,
+                                  rngs={"dropout": dropout_key}, method="shared_features"),
+            shared_params)
+
+        def head_losses(hp, f):
+            probs, updates = model.apply({"params": hp, "batch_stats": batch_stats}, f, inputs.get("example_mask"),
+                                         train=True, deterministic=deterministic, rngs={"dropout": dropout_key},
+                                         mutable=["batch_stats"], method="task_probs")
+            return losses_of(probs, batch), updates["batch_stats"]
+
+        losses, heads_vjp, new_stats = jax.vjp(head_losses, head_params, features, has_aux=True)
+        weights = weights_of(losses)
+        per_task_heads, per_task_features = jax.vmap(heads_vjp)(jnp.diag(weights))
+        combined, aggregator_state = aggregator.update({"features": per_task_features}, aggregator_state)
+        (g_shared,) = trunk_vjp(combined["features"].astype(features.dtype))
+        own = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_task_heads)
+        return losses, weights, {**g_shared, **own}, new_stats, aggregator_state
 
     def train_step(state: TrainState, batch: Mapping[str, Any], task_mask: jax.Array):
         rng, dropout_key = jax.random.split(state.rng)
@@ -145,20 +195,20 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                 objective, argnums=(0, 1), has_aux=True)(state.params, state.weight_params)
             aggregator_state = state.aggregator_state
         else:
-            # One forward, then a batched backward: the VJP of the (T,) loss vector applied to
-            # the T one-hot cotangents gives every task's gradient in one vmapped pass.
-            def losses_fn(params):
-                return task_losses(params, state.batch_stats, batch, dropout_key)
-
-            losses, vjp_fn, new_stats = jax.vjp(losses_fn, state.params, has_aux=True)
-            weights = jax.lax.stop_gradient(weighting.weights(state.weighting_state, losses)) * task_mask
-            (per_task,) = jax.vmap(vjp_fn)(jnp.diag(weights))
-            shared = {k: v for k, v in per_task.items() if not is_task_specific(k)}
-            own = {k: jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v)  # heads are nested dicts
-                   for k, v in per_task.items() if is_task_specific(k)}
-            shared_params = {k: v for k, v in state.params.items() if not is_task_specific(k)}
-            combined, aggregator_state = aggregator.update(shared, state.aggregator_state, shared_params)
-            g_model = {**jax.tree_util.tree_map(lambda x: x, combined), **own}
+            weights_of = lambda losses: (jax.lax.stop_gradient(weighting.weights(state.weighting_state, losses))
+                                         * task_mask)
+            if aggregate_on == "features":
+                losses, weights, g_model, new_stats, aggregator_state = feature_level_grads(
+                    state.params, state.batch_stats, batch, dropout_key, weights_of, state.aggregator_state)
+            else:
+                losses, weights, per_task, new_stats = per_task_parameter_grads(
+                    state.params, state.batch_stats, batch, dropout_key, weights_of)
+                shared = {k: v for k, v in per_task.items() if not is_task_specific(k)}
+                own = {k: jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v)  # heads are nested dicts
+                       for k, v in per_task.items() if is_task_specific(k)}
+                shared_params = {k: v for k, v in state.params.items() if not is_task_specific(k)}
+                combined, aggregator_state = aggregator.update(shared, state.aggregator_state, shared_params)
+                g_model = {**combined, **own}
             if l2 == "real":
                 g_l2 = jax.grad(lambda p: l2_coef * l2_norm_sum(p))(state.params)
                 g_model = jax.tree_util.tree_map(jnp.add, g_model, g_l2)
@@ -207,7 +257,6 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             rng=rng)
         return new_state, metrics
 
-    del num_tasks
     return train_step
 
 

@@ -49,10 +49,31 @@ def test_ratios_and_notes():
     rows = {r["mode"]: r for r in table_rows(records)}
     assert rows["jax-train-fp32"]["ratio"] == pytest.approx(1.5)
     assert rows["jax-pcgrad-fp32"]["ratio"] is None            # PyTorch's per-task step not run
-    assert rows["jax-pcgrad-fp32"]["note"].startswith("1.80x")
+    assert rows["jax-pcgrad-fp32"]["note"] == "PCGrad on parameters; 1.80x the single-loss step's time"
     assert rows["jax-train-bf16"]["ratio"] is None              # no PyTorch bf16 row to compare
     assert rows["jax-eval-bf16"]["note"] == "boom"
     assert "| jax | jax-train-fp32 | 16 | 100.0 | 160 | 1.00 | 10.0% | 1.50 |" in format_table(records)
+
+
+def test_parallel_and_feature_level_rows():
+    def rec(kind, ms, batch, devices=None, **extra):
+        return {"impl": "jax", "mode": f"jax-{kind}-bf16", "kind": kind, "precision": "bf16", "batch": batch,
+                "ms": ms, "clips_per_s": batch / (ms / 1e3), "peak_bytes": 1e9, "mfu": 0.1, "model": {},
+                "device": "gpu:test", "devices": devices, **extra}
+
+    check = {"devices": 2, "per_device_batch": 32, "single_device_loss": 0.5, "mesh_loss": 0.5,
+             "single_device_grad_norm": 2.0, "mesh_grad_norm": 2.002, "max_abs_param_diff": 1e-5}
+    records = [rec("train", 50.0, 32), rec("train", 50.0, 16), rec("pcgradfeat", 60.0, 16),
+               rec("train", 54.0, 64, devices=2, parallel=check),
+               {**rec("torch", 100.0, 64), "impl": "torch", "mode": "torch-train-bf16", "kind": "train"}]
+    rows = table_rows(records)
+    feat = rows[2]["note"]
+    assert feat.startswith("PCGrad on features") and "1.20x the single-loss" in feat
+    dp = rows[3]
+    assert dp["ratio"] is None                       # PyTorch ran on one GPU: no like-for-like ratio
+    assert "2 devices, 32 per device" in dp["note"]
+    assert f"{(64 / 0.054) / (32 / 0.050):.2f}x one device's clips/s" in dp["note"]
+    assert "grad norm rel. diff 1.0e-03" in dp["note"]
 
 
 @pytest.fixture(scope="module")

@@ -200,6 +200,8 @@ def test_bad_choices(section, value, needles):
                "weights": {"mature": 1, "gory": 1, "slapstick": 1, "sarcasm": 1, "binary": 1}}},
      ["loss.weights", "has binary"]),
     ({"strategy": {"schedule": "round_robin", "aggregator": "pcgrad"}}, ["strategy.aggregator"]),
+    ({"strategy": {"aggregate_on": "features"}}, ["strategy.aggregate_on", "strategy.aggregator is not set"]),
+    ({"strategy": {"aggregator": "pcgrad", "aggregate_on": "outputs"}}, ["strategy.aggregate_on", "features"]),
     ({"model": {"overrides": {"text_len": 600}}}, ["model.overrides", "text_len=600"]),
     ({"model": {"overrides": {"tasks": []}}}, ["model.overrides", "tasks is empty"]),
     ({"model": {"init_checkpoint": "ck", "overrides": {"bert": {"hidden_size": 4}}}},

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from mtjax.config import tiny_model_config
@@ -61,3 +62,47 @@ def test_weighting_in_donated_step(name):
 def test_aggregator_in_donated_step(name):
     assert name in AGGREGATORS
     _run_two_steps("unweighted", name)
+
+
+def _one_step(aggregator_name, aggregate_on, *, deterministic):
+    weighting = make_weighting("predefined", weights=(0.1, 0.4, 0.2, 0.2))
+    aggregator = make_aggregator(aggregator_name, num_tasks=T)
+    # Plain SGD with lr 1: the update is minus the gradient (Adam would blow the ~1e-9
+    # round-off of parameters whose exact gradient is 0 up to lr-sized steps).
+    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+    step = jax.jit(make_train_step(CONFIG, optimizer, weighting, aggregator, aggregate_on=aggregate_on,
+                                   deterministic=deterministic))
+    variables = jax.tree_util.tree_map(lambda x: x.copy(), _initial_variables())
+    state = init_train_state(variables, optimizer, weighting, aggregator, num_tasks=T, rng=jax.random.PRNGKey(1))
+    mask = np.array([1, 1, 0, 1], np.float32)  # a switched-off task must stay off in both modes
+    return step(state, random_batch(CONFIG, 4, seed=0), mask)
+
+
+def test_feature_level_sum_is_the_summed_loss_step():
+    """With `sum`, aggregating feature gradients and aggregating parameter gradients are
+    both the gradient of the weighted loss: the two modes make the same update (dropout on,
+    so the trunk and heads must draw the same masks in both)."""
+    a_state, a_metrics = _one_step("sum", "parameters", deterministic=False)
+    b_state, b_metrics = _one_step("sum", "features", deterministic=False)
+    np.testing.assert_allclose(a_metrics["task_losses"], b_metrics["task_losses"], rtol=1e-6)
+    np.testing.assert_allclose(a_metrics["grad_norm"], b_metrics["grad_norm"], rtol=1e-5)
+    start = _initial_variables()["params"]
+    jax.tree_util.tree_map(lambda x, y, p0: np.testing.assert_allclose(x - p0, y - p0, rtol=1e-4, atol=1e-7),
+                           a_state.params, b_state.params, start)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a_state.batch_stats, b_state.batch_stats)
+
+
+def test_feature_level_pcgrad_projects_feature_gradients():
+    """PCGrad on features differs from PCGrad on parameters (other vectors are projected),
+    still moves the shared trunk, and keeps the heads' own gradients."""
+    p_state, p_metrics = _one_step("pcgrad", "parameters", deterministic=True)
+    f_state, f_metrics = _one_step("pcgrad", "features", deterministic=True)
+    assert int(f_metrics["finite"]) == 1
+    np.testing.assert_allclose(p_metrics["task_losses"], f_metrics["task_losses"], rtol=1e-6)
+    trunk = lambda s: np.asarray(s.params["att1"]["attention"]["query"]["kernel"])
+    start = np.asarray(_initial_variables()["params"]["att1"]["attention"]["query"]["kernel"])
+    assert np.max(np.abs(trunk(f_state) - start)) > 0
+    assert not np.allclose(trunk(f_state), trunk(p_state), rtol=1e-6, atol=0)
+    head = lambda s, t: np.asarray(s.params[f"heads_{t}"]["linear3"]["bias"])
+    for t in CONFIG.tasks:  # heads take only their own (weighted) gradient in both modes
+        np.testing.assert_allclose(head(f_state, t), head(p_state, t), rtol=1e-5, atol=1e-7)

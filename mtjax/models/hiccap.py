@@ -57,10 +57,18 @@ class HICCAP(nn.Module):
         output for layer-by-layer checks."""
         if deterministic is None:
             deterministic = not train
+        features = self.shared_features(batch, deterministic=deterministic, capture=capture)
+        return self.task_probs(features, batch.get("example_mask"), train=train,
+                               deterministic=deterministic, capture=capture)
+
+    def shared_features(self, batch: Mapping[str, jax.Array], *, deterministic: bool,
+                        capture: dict | None = None) -> jax.Array:
+        """Everything the tasks share: inputs → the pooled (B, 3d) features the heads read.
+        (Applied on its own with `method='shared_features'` for feature-level MTL.)"""
         c = self.config
         assert_model_inputs(batch, c)
         dt = jnp.dtype(c.dtype)
-        keep = (lambda name, x: capture.__setitem__(name, x)) if capture is not None else (lambda *_: None)
+        keep = _keeper(capture)
 
         text_mask = batch["text_mask"].astype(jnp.float32)
         video_mask = batch["video_mask"].astype(jnp.float32)
@@ -116,8 +124,13 @@ class HICCAP(nn.Module):
         keep("pooled_image", pooled_img)
         features = jnp.concatenate([pooled_text, pooled_aud, pooled_img], axis=-1)
         keep("features", features)
+        return features
 
-        example_mask = batch.get("example_mask")
+    def task_probs(self, features: jax.Array, example_mask: jax.Array | None = None, *, train: bool,
+                   deterministic: bool, capture: dict | None = None) -> dict[str, jax.Array]:
+        """The task heads on the shared features: `{task: softmax probabilities (B, 2)}`."""
+        c = self.config
+        keep = _keeper(capture)
         probs = {}
         for task in c.tasks:
             logits = self.heads[task](features, train=train, deterministic=deterministic,
@@ -125,6 +138,11 @@ class HICCAP(nn.Module):
             keep(f"logits_{task}", logits)
             probs[task] = jax.nn.softmax(logits, axis=-1)
         return probs
+
+
+def _keeper(capture: dict | None):
+    """`keep(name, x)` records x in `capture` when one is given, else does nothing."""
+    return (lambda name, x: capture.__setitem__(name, x)) if capture is not None else (lambda *_: None)
 
 
 def assert_model_inputs(batch: Mapping[str, jax.Array], config: ModelConfig) -> None:
