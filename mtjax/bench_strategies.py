@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = plan(args.features)
     if args.only:
         # The baseline and the parts estimated rows are built from always stay.
-        keep = set(args.only.split(",")) | {"all_at_once", "sum", "sum (features)"}
+        keep = set(args.only.split(",")) | {"all_at_once"}
+        if keep & set(AGGREGATORS):
+            keep |= {"sum", "sum (features)"}
         rows = [r for r in rows if r.name in keep or r.aggregator in keep]
     # The parts an estimated row needs are measured first, whatever the budget.
     anchors = [r for r in rows if r.name in ("all_at_once", "sum", "sum (features)")]

@@ -6,8 +6,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from mtjax.models.dropout import Dropout
-
 # cuDNN's fused attention takes half-precision operands only.
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -54,7 +52,7 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(b, l, num_heads, d // num_heads)
 
 
-def use_cudnn(implementation: str, q: jax.Array, dropout: Dropout, deterministic: bool) -> bool:
+def use_cudnn(implementation: str, q: jax.Array, dropout: nn.Dropout, deterministic: bool) -> bool:
     """Whether the fused kernel computes exactly this attention: it has no dropout on the
     probabilities, runs on NVIDIA GPUs only and takes bf16/fp16 operands."""
     return (implementation == "cudnn" and (deterministic or dropout.rate == 0.0)
@@ -67,7 +65,7 @@ def dot_product_attention(
     v: jax.Array,
     *,
     bias: jax.Array | None,
-    dropout: Dropout,
+    dropout: nn.Dropout,
     deterministic: bool,
     implementation: str = "xla",
 ) -> jax.Array:

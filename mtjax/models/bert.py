@@ -14,7 +14,6 @@ import flax.linen as nn
 
 from mtjax.config import BertConfig
 from mtjax.models.attention import Dense, dot_product_attention, split_heads
-from mtjax.models.dropout import Dropout
 
 
 # "erf": x·½(1 + erf(x/√2)), PyTorch's own formula for exact GELU; "erfc": jax.nn.gelu's
@@ -49,7 +48,7 @@ class BertEmbeddings(nn.Module):
             jnp.zeros_like(input_ids))
         x = words + positions + token_types
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         return x.astype(self.dtype)
 
 
@@ -64,7 +63,7 @@ class BertSelfAttention(nn.Module):
         q = split_heads(dense("query")(x), c.num_attention_heads)
         k = split_heads(dense("key")(x), c.num_attention_heads)
         v = split_heads(dense("value")(x), c.num_attention_heads)
-        return dot_product_attention(q, k, v, bias=None, dropout=Dropout(c.attention_probs_dropout_prob),
+        return dot_product_attention(q, k, v, bias=None, dropout=nn.Dropout(c.attention_probs_dropout_prob),
                                      deterministic=deterministic, implementation=c.attention_impl)
 
 
@@ -78,7 +77,7 @@ class BertAddNorm(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         c = self.config
         x = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x + residual)
         return x.astype(self.dtype)
 

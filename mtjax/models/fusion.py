@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mtjax.models.attention import Dense, dot_product_attention, split_heads
-from mtjax.models.dropout import Dropout
 
 # The fusion's LayerNorms all use PyTorch's default eps (SPEC §2).
 FUSION_LN_EPS = 1e-5
@@ -33,7 +32,7 @@ class BertOutAttention(nn.Module):
         k = split_heads(dense("key")(context), self.num_heads)
         v = split_heads(dense("value")(context), self.num_heads)
         bias = ((1.0 - context_mask.astype(jnp.float32)) * MASK_NEG)[:, None, None, :]
-        return dot_product_attention(q, k, v, bias=bias, dropout=Dropout(0.1),
+        return dot_product_attention(q, k, v, bias=bias, dropout=nn.Dropout(0.1),
                                      deterministic=deterministic)
 
 
@@ -45,7 +44,7 @@ class DropNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        x = Dropout(self.rate)(x, deterministic=deterministic)
+        x = nn.Dropout(self.rate)(x, deterministic=deterministic)
         return nn.LayerNorm(epsilon=FUSION_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -59,7 +58,7 @@ class Projection(nn.Module):
     def __call__(self, x, *, deterministic: bool):
         x = Dense(self.features, dtype=self.dtype, name="linear")(x)
         x = nn.LayerNorm(epsilon=FUSION_LN_EPS, dtype=self.dtype, name="norm")(x)
-        return Dropout(0.3)(x, deterministic=deterministic)
+        return nn.Dropout(0.3)(x, deterministic=deterministic)
 
 
 def faithful_pool_weights(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from mtjax.models.dropout import Dropout
-
 
 class TorchBatchNorm(nn.Module):
     """`torch.nn.BatchNorm1d` semantics, which Flax's BatchNorm does not match exactly.
@@ -62,9 +60,9 @@ class TaskHead(nn.Module):
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
         x = dense(h0, "linear0")(x)
         x = TorchBatchNorm(name="bn0")(x, train=train, mask=mask)
-        x = Dropout(0.3)(x, deterministic=deterministic)
+        x = nn.Dropout(0.3)(x, deterministic=deterministic)
         x = dense(h1, "linear1")(x)
         x = TorchBatchNorm(name="bn1")(x, train=train, mask=mask)
-        x = Dropout(0.3)(x, deterministic=deterministic)
+        x = nn.Dropout(0.3)(x, deterministic=deterministic)
         x = dense(h2, "linear2")(x)
         return dense(2, "linear3")(x).astype(jnp.float32)
