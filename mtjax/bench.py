@@ -628,7 +628,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     record["clips_per_s"] = spec["batch"] / (record["ms"] / 1e3)
     # The peaks are the H100's: on a CPU the figure would mean nothing.
     on_gpu = not str(record.get("device", "")).startswith("cpu")
-    record["mfu"] = (flops / (record["ms"] / 1e3) / PEAK_FLOPS[compute_precision(prec)]
+    n_devices = spec.get("devices") or 1  # the peak of every device the step ran on
+    record["mfu"] = (flops / (record["ms"] / 1e3) / (n_devices * PEAK_FLOPS[compute_precision(prec)])
                      if on_gpu and flops else None)
     return record
 
