@@ -59,6 +59,21 @@ def use_cudnn(implementation: str, q: jax.Array, dropout: nn.Dropout, determinis
             and q.dtype in _CUDNN_DTYPES and jax.default_backend() == "gpu")
 
 
+def _softmax_dropout_values(scores: jax.Array, v: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
+    """softmax(scores) → dropout (as `nn.Dropout`: keep with 1−rate, scale by 1/(1−rate)) → · v."""
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if key is not None:
+        keep_prob = 1.0 - rate
+        keep = jax.random.bernoulli(key, p=keep_prob, shape=probs.shape)
+        probs = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+# The backward pass recomputes the softmax, the mask and the dropped probabilities from
+# the saved scores instead of keeping all three (elementwise work, no matmul).
+_softmax_dropout_values_remat = jax.checkpoint(_softmax_dropout_values, static_argnums=(3,))
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -68,6 +83,7 @@ def dot_product_attention(
     dropout: nn.Dropout,
     deterministic: bool,
     implementation: str = "xla",
+    remat_probs_rng: jax.Array | None = None,
 ) -> jax.Array:
     """softmax(q·kᵀ/√dₕ + bias) · v over heads laid out (B, L, H, dₕ); returns (B, Lq, H·dₕ).
 
@@ -76,6 +92,8 @@ def dot_product_attention(
     not offer; its softmax statistics run in float32 whatever the compute dtype.
     `implementation='cudnn'` switches to cuDNN's fused attention where `use_cudnn` allows
     (its softmax also accumulates in float32) and silently keeps the 'xla' path elsewhere.
+    `remat_probs_rng` (the dropout key) selects the 'xla' path that recomputes the
+    probabilities in the backward pass (`BertConfig.remat_attention_probs`).
     """
     b, lq, h, dh = q.shape
     if use_cudnn(implementation, q, dropout, deterministic):
@@ -90,6 +108,10 @@ def dot_product_attention(
     scores = scores.astype(jnp.float32)
     if bias is not None:
         scores = scores + bias
+    if remat_probs_rng is not None:
+        active = not deterministic and dropout.rate > 0
+        out = _softmax_dropout_values_remat(scores, v, remat_probs_rng if active else None, dropout.rate)
+        return out.reshape(b, lq, h * dh)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mtjax.config import BertConfig
-from mtjax.models.attention import Dense, dot_product_attention, split_heads
+from mtjax.models.attention import Dense, dot_product_attention, split_heads, use_cudnn
 
 
 # "erf": x·½(1 + erf(x/√2)), PyTorch's own formula for exact GELU; "erfc": jax.nn.gelu's
@@ -63,8 +63,12 @@ class BertSelfAttention(nn.Module):
         q = split_heads(dense("query")(x), c.num_attention_heads)
         k = split_heads(dense("key")(x), c.num_attention_heads)
         v = split_heads(dense("value")(x), c.num_attention_heads)
-        return dot_product_attention(q, k, v, bias=None, dropout=nn.Dropout(c.attention_probs_dropout_prob),
-                                     deterministic=deterministic, implementation=c.attention_impl)
+        dropout = nn.Dropout(c.attention_probs_dropout_prob)
+        remat_rng = None
+        if c.remat_attention_probs and not use_cudnn(c.attention_impl, q, dropout, deterministic):
+            remat_rng = self.make_rng("dropout") if not deterministic else jnp.zeros((2,), jnp.uint32)
+        return dot_product_attention(q, k, v, bias=None, dropout=dropout, deterministic=deterministic,
+                                     implementation=c.attention_impl, remat_probs_rng=remat_rng)
 
 
 class BertAddNorm(nn.Module):
