@@ -203,7 +203,7 @@ def random_batch(config, batch: int, seed: int):
                 example_mask=np.ones(batch, np.float32))
 
 
-def _median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
+def median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
     for _ in range(warmup):
         fn()
     times = []
@@ -275,7 +275,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
             metrics["loss"].block_until_ready()
             holder["loss"] = metrics["loss"]
 
-        med, times = _median_time(one, spec["warmup"], spec["steps"])
+        med, times = median_time(one, spec["warmup"], spec["steps"])
         extra["loss"] = float(holder["loss"])
         if not math.isfinite(extra["loss"]):
             raise FloatingPointError(f"non-finite loss {extra['loss']}")
@@ -292,7 +292,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
         def one():
             jax.block_until_ready(compiled(params, stats, batch))
 
-        med, times = _median_time(one, spec["warmup"], spec["steps"])
+        med, times = median_time(one, spec["warmup"], spec["steps"])
     else:  # predict: host batches in, host probabilities out, as mtjax.predict does
         from mtjax.predict import make_eval_fn
 
@@ -310,7 +310,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
             out = jax.device_get(compiled(variables, host[counter["i"] % len(host)]))
             assert np.all(np.isfinite(out[cfg.tasks[0]]))
 
-        med, times = _median_time(one, spec["warmup"], spec["steps"])
+        med, times = median_time(one, spec["warmup"], spec["steps"])
 
     if spec.get("profile"):
         extra["profile"] = profile_steps(one, spec["profile"], steps=3)
@@ -443,7 +443,7 @@ def run_jax_lstm(spec, cfg, ctx, device) -> dict[str, Any]:
     def one():
         jax.block_until_ready(compiled(params))
 
-    med, times = _median_time(one, spec["warmup"], spec["steps"])
+    med, times = median_time(one, spec["warmup"], spec["steps"])
     extra = {}
     if spec.get("profile"):
         extra["profile"] = profile_steps(one, spec["profile"], steps=3)
@@ -586,7 +586,7 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     one()
     compile_s = time.perf_counter() - t0
-    med, times = _median_time(one, max(warmup - 1, 0), spec["steps"])
+    med, times = median_time(one, max(warmup - 1, 0), spec["steps"])
     extra = {}
     if "loss" in holder:
         extra["loss"] = float(holder["loss"])

@@ -22,7 +22,6 @@ audio 63×128), meant for a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from typing import NamedTuple
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax.bench import median_time
 from mtjax.config import ModelConfig, tiny_model_config
 from mtjax.models.hiccap import init_variables
 from mtjax.mtl.registry import AGGREGATORS, WEIGHTINGS, make_aggregator, make_weighting
@@ -65,14 +65,9 @@ def random_batch(config: ModelConfig, batch_size: int, seed: int = 0) -> dict:
 
 
 def _median_ms(fn, steps: int) -> float:
-    for _ in range(2):  # compile + one warm step
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    """Median ms of `fn` (its result waited for) after a compile and a warm call."""
+    median_s, _ = median_time(lambda: jax.block_until_ready(fn()), warmup=2, steps=steps)
+    return 1000 * median_s
 
 
 def _weighting(name: str):
