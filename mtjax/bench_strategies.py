@@ -34,7 +34,7 @@ from mtjax.bench import median_time
 from mtjax.config import ModelConfig, tiny_model_config
 from mtjax.models.hiccap import init_variables
 from mtjax.mtl.registry import AGGREGATORS, WEIGHTINGS, make_aggregator, make_weighting
-from mtjax.train_step import init_train_state, is_task_specific, make_optimizer, make_train_step
+from mtjax.train_step import init_train_state, make_optimizer, make_train_step, split_shared
 
 TASKS = ("mature", "gory", "slapstick", "sarcasm")
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     left = [r for r in rows if r.aggregator is not None and r.name not in measured]
     if left:
         params = variables["params"]
-        shapes = {"parameters": {k: v for k, v in params.items() if not is_task_specific(k)},
+        shapes = {"parameters": split_shared(params)[0],
                   "features": {"features": jnp.zeros((batch_size, 3 * config.hidden_size), config.dtype)}}
         alone: dict[tuple[str, str], float] = {}
         for row in left:

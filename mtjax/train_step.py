@@ -75,6 +75,17 @@ def is_task_specific(name: str) -> bool:
     return name.startswith("heads_")
 
 
+def split_shared(tree: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(shared, task-specific) halves of a parameter-keyed dict (heads are `heads_<task>`)."""
+    return ({k: v for k, v in tree.items() if not is_task_specific(k)},
+            {k: v for k, v in tree.items() if is_task_specific(k)})
+
+
+def _sum_tasks(per_task_tree):
+    """Σ over the leading task axis: each head's gradient is nonzero for its own task only."""
+    return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_task_tree)
+
+
 def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTransformation,
                      weighting, aggregator: optax.GradientTransformation | None, *,
                      num_tasks: int, rng: jax.Array) -> TrainState:
@@ -84,8 +95,7 @@ def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTran
     # hold one buffer twice.
     weight_params = jax.tree_util.tree_map(jnp.copy, weighting.params(weighting_state))
     params = variables["params"]
-    shared = {k: v for k, v in params.items() if not is_task_specific(k)}
-    aggregator_state = aggregator.init(shared) if aggregator is not None else ()
+    aggregator_state = aggregator.init(split_shared(params)[0]) if aggregator is not None else ()
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, weight_params=weight_params,
         batch_stats=variables.get("batch_stats", {}),
@@ -144,20 +154,21 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                                      rngs={"dropout": dropout_key}, mutable=["batch_stats"])
         return losses_of(probs, batch), updates["batch_stats"]
 
-    def per_task_parameter_grads(params, batch_stats, batch, dropout_key, weights_of):
-        """Per-task gradients of every parameter: (losses, {name: (T, ...)}, new stats)."""
+    def parameter_level_grads(params, batch_stats, batch, dropout_key, weights_of, aggregator_state):
+        """Aggregates per-task gradients of every shared parameter (exact)."""
         losses, vjp_fn, new_stats = jax.vjp(lambda p: task_losses(p, batch_stats, batch, dropout_key),
                                             params, has_aux=True)
         weights = weights_of(losses)
         # One forward, then a batched backward: the VJP of the (T,) loss vector applied to
         # the T one-hot cotangents gives every task's gradient in one vmapped pass.
         (per_task,) = jax.vmap(vjp_fn)(jnp.diag(weights))
-        return losses, weights, per_task, new_stats
+        per_task_shared, per_task_heads = split_shared(per_task)
+        combined, aggregator_state = aggregator.update(per_task_shared, aggregator_state, split_shared(params)[0])
+        return losses, weights, {**combined, **_sum_tasks(per_task_heads)}, new_stats, aggregator_state
 
     def feature_level_grads(params, batch_stats, batch, dropout_key, weights_of, aggregator_state):
         """Aggregates per-task gradients of the shared features, then one trunk backward."""
-        shared_params = {k: v for k, v in params.items() if not is_task_specific(k)}
-        head_params = {k: v for k, v in params.items() if is_task_specific(k)}
+        shared_params, head_params = split_shared(params)
         inputs = model_inputs(batch)
         features, trunk_vjp = jax.vjp(
             lambda p: model.apply({"params": p}, inputs, deterministic=deterministic,
@@ -175,8 +186,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         per_task_heads, per_task_features = jax.vmap(heads_vjp)(jnp.diag(weights))
         combined, aggregator_state = aggregator.update({"features": per_task_features}, aggregator_state)
         (g_shared,) = trunk_vjp(combined["features"].astype(features.dtype))
-        own = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_task_heads)
-        return losses, weights, {**g_shared, **own}, new_stats, aggregator_state
+        return losses, weights, {**g_shared, **_sum_tasks(per_task_heads)}, new_stats, aggregator_state
 
     def train_step(state: TrainState, batch: Mapping[str, Any], task_mask: jax.Array):
         rng, dropout_key = jax.random.split(state.rng)
@@ -197,18 +207,9 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         else:
             weights_of = lambda losses: (jax.lax.stop_gradient(weighting.weights(state.weighting_state, losses))
                                          * task_mask)
-            if aggregate_on == "features":
-                losses, weights, g_model, new_stats, aggregator_state = feature_level_grads(
-                    state.params, state.batch_stats, batch, dropout_key, weights_of, state.aggregator_state)
-            else:
-                losses, weights, per_task, new_stats = per_task_parameter_grads(
-                    state.params, state.batch_stats, batch, dropout_key, weights_of)
-                shared = {k: v for k, v in per_task.items() if not is_task_specific(k)}
-                own = {k: jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v)  # heads are nested dicts
-                       for k, v in per_task.items() if is_task_specific(k)}
-                shared_params = {k: v for k, v in state.params.items() if not is_task_specific(k)}
-                combined, aggregator_state = aggregator.update(shared, state.aggregator_state, shared_params)
-                g_model = {**combined, **own}
+            level_grads = feature_level_grads if aggregate_on == "features" else parameter_level_grads
+            losses, weights, g_model, new_stats, aggregator_state = level_grads(
+                state.params, state.batch_stats, batch, dropout_key, weights_of, state.aggregator_state)
             if l2 == "real":
                 g_l2 = jax.grad(lambda p: l2_coef * l2_norm_sum(p))(state.params)
                 g_model = jax.tree_util.tree_map(jnp.add, g_model, g_l2)
