@@ -83,7 +83,8 @@ def dot_product_attention(
     dropout: nn.Dropout,
     deterministic: bool,
     implementation: str = "xla",
-    remat_probs_rng: jax.Array | None = None,
+    remat_probs: bool = False,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """softmax(q·kᵀ/√dₕ + bias) · v over heads laid out (B, L, H, dₕ); returns (B, Lq, H·dₕ).
 
@@ -92,8 +93,9 @@ def dot_product_attention(
     not offer; its softmax statistics run in float32 whatever the compute dtype.
     `implementation='cudnn'` switches to cuDNN's fused attention where `use_cudnn` allows
     (its softmax also accumulates in float32) and silently keeps the 'xla' path elsewhere.
-    `remat_probs_rng` (the dropout key) selects the 'xla' path that recomputes the
-    probabilities in the backward pass (`BertConfig.remat_attention_probs`).
+    `remat_probs` selects the 'xla' path that recomputes the probabilities in the backward
+    pass (`BertConfig.remat_attention_probs`); it draws its dropout mask from `dropout_rng`
+    (None: no dropout), not from the `dropout` module.
     """
     b, lq, h, dh = q.shape
     if use_cudnn(implementation, q, dropout, deterministic):
@@ -108,9 +110,8 @@ def dot_product_attention(
     scores = scores.astype(jnp.float32)
     if bias is not None:
         scores = scores + bias
-    if remat_probs_rng is not None:
-        active = not deterministic and dropout.rate > 0
-        out = _softmax_dropout_values_remat(scores, v, remat_probs_rng if active else None, dropout.rate)
+    if remat_probs:
+        out = _softmax_dropout_values_remat(scores, v, dropout_rng, dropout.rate)
         return out.reshape(b, lq, h * dh)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(probs, deterministic=deterministic)

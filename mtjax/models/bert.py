@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mtjax.config import BertConfig
-from mtjax.models.attention import Dense, dot_product_attention, split_heads, use_cudnn
+from mtjax.models.attention import Dense, dot_product_attention, split_heads
 
 
 # "erf": x·½(1 + erf(x/√2)), PyTorch's own formula for exact GELU; "erfc": jax.nn.gelu's
@@ -64,11 +64,11 @@ class BertSelfAttention(nn.Module):
         k = split_heads(dense("key")(x), c.num_attention_heads)
         v = split_heads(dense("value")(x), c.num_attention_heads)
         dropout = nn.Dropout(c.attention_probs_dropout_prob)
-        remat_rng = None
-        if c.remat_attention_probs and not use_cudnn(c.attention_impl, q, dropout, deterministic):
-            remat_rng = self.make_rng("dropout") if not deterministic else jnp.zeros((2,), jnp.uint32)
+        dropout_active = not deterministic and dropout.rate > 0
+        remat_rng = self.make_rng("dropout") if c.remat_attention_probs and dropout_active else None
         return dot_product_attention(q, k, v, bias=None, dropout=dropout, deterministic=deterministic,
-                                     implementation=c.attention_impl, remat_probs_rng=remat_rng)
+                                     implementation=c.attention_impl, remat_probs=c.remat_attention_probs,
+                                     dropout_rng=remat_rng)
 
 
 class BertAddNorm(nn.Module):
