@@ -16,7 +16,7 @@ FINE_GRAINED_TASKS = ("mature", "gory", "slapstick", "sarcasm")
 BINARY_TASK = "binary"
 VARIANTS = ("multitask", "binary")
 POOLING_MODES = ("faithful", "stable")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "flash")
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,10 @@ class BertConfig:
     # (flash) attention via `jax.nn.dot_product_attention`, used only where it computes the
     # same function: GPU, bf16 compute, no attention dropout active (eval/predict, or
     # training with attention_probs_dropout_prob = 0); elsewhere the 'xla' path runs.
+    # 'flash' = our Pallas kernels (`mtjax.models.flash_attention`) with dropout inside the
+    # kernel, for training on GPUs in bf16/fp16: its dropout mask is a hash of (seed, batch,
+    # head, row, column), not nn.Dropout's draw (same distribution, different bits); off GPU
+    # or in float32 the same function runs written out.
     attention_impl: str = "xla"
     # 'xla' path in training: keep only the attention scores for the backward pass and
     # recompute softmax, dropout mask and dropped probabilities from them (no matmul is

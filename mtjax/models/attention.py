@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from mtjax.models import flash_attention as flash
+
 # cuDNN's fused attention takes half-precision operands only.
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -59,6 +61,27 @@ def use_cudnn(implementation: str, q: jax.Array, dropout: nn.Dropout, determinis
             and q.dtype in _CUDNN_DTYPES and jax.default_backend() == "gpu")
 
 
+def use_flash_kernel(q: jax.Array) -> bool:
+    """Whether 'flash' runs fused kernels (ours with dropout, cuDNN's without): NVIDIA GPU and
+    half-precision operands (the kernels' matmuls would run fp32 operands in TF32)."""
+    return q.dtype in _CUDNN_DTYPES and jax.default_backend() == "gpu"
+
+
+def _flash(q, k, v, bias, rate: float, dropout_rng: jax.Array | None) -> jax.Array:
+    """The 'flash' path: self-attention without bias; dropout drawn by hash from `dropout_rng`."""
+    if bias is not None or q.shape != k.shape:
+        raise ValueError("attention_impl='flash' supports self-attention without an attention bias "
+                         f"(got q {q.shape}, k {k.shape}, bias {None if bias is None else bias.shape})")
+    if dropout_rng is None or rate == 0.0:
+        if use_flash_kernel(q):  # no mask to draw: cuDNN's kernel is the same function, and faster
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return flash.attention_reference(q, k, v, jnp.zeros((), jnp.int32), 0.0)
+    seed = flash.seed_from_key(dropout_rng)
+    if use_flash_kernel(q):
+        return flash.flash_attention(q, k, v, seed, rate)
+    return flash.attention_reference(q, k, v, seed, rate)
+
+
 def _softmax_dropout_values(scores: jax.Array, v: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
     """softmax(scores) → dropout (as `nn.Dropout`: keep with 1−rate, scale by 1/(1−rate)) → · v."""
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -95,9 +118,13 @@ def dot_product_attention(
     (its softmax also accumulates in float32) and silently keeps the 'xla' path elsewhere.
     `remat_probs` selects the 'xla' path that recomputes the probabilities in the backward
     pass (`BertConfig.remat_attention_probs`); it draws its dropout mask from `dropout_rng`
-    (None: no dropout), not from the `dropout` module.
+    (None: no dropout), not from the `dropout` module. `implementation='flash'` (self-attention
+    without bias) draws its mask by hash from `dropout_rng` (None: no dropout) and runs the
+    fused Pallas kernels where `use_flash_kernel` allows, the same function written out elsewhere.
     """
     b, lq, h, dh = q.shape
+    if implementation == "flash":
+        return _flash(q, k, v, bias, dropout.rate, dropout_rng).reshape(b, lq, h * dh)
     if use_cudnn(implementation, q, dropout, deterministic):
         if bias is not None:
             # cuDNN wants a full (.., Lq, Lk) bias in the operand dtype; the −10000 mask

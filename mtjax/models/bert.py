@@ -65,10 +65,12 @@ class BertSelfAttention(nn.Module):
         v = split_heads(dense("value")(x), c.num_attention_heads)
         dropout = nn.Dropout(c.attention_probs_dropout_prob)
         dropout_active = not deterministic and dropout.rate > 0
-        remat_rng = self.make_rng("dropout") if c.remat_attention_probs and dropout_active else None
+        # The remat and flash paths draw their own masks from a key; the others use `dropout`.
+        own_mask = c.remat_attention_probs or c.attention_impl == "flash"
+        mask_rng = self.make_rng("dropout") if own_mask and dropout_active else None
         return dot_product_attention(q, k, v, bias=None, dropout=dropout, deterministic=deterministic,
                                      implementation=c.attention_impl, remat_probs=c.remat_attention_probs,
-                                     dropout_rng=remat_rng)
+                                     dropout_rng=mask_rng)
 
 
 class BertAddNorm(nn.Module):
