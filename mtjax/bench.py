@@ -5,10 +5,10 @@
     python -m mtjax.bench --cpu-smoke          # tiny config on CPU (about a minute, mostly XLA compiles)
     python -m mtjax.bench --merge a.jsonl,b.jsonl --out FILE.md   # table from saved records
 
-With no --modes/--batch-sizes it runs DEFAULT_PLAN (18 configs, ~20 min on an H200, mostly
+With no --modes/--batch-sizes it runs DEFAULT_PLAN (21 configs, ~20 min on an H200, mostly
 compilation); on a machine that limits one command's time, run it in groups with --modes
 and --json, then --merge. Other switches: --model KEY=VALUE (ModelConfig overrides, e.g.
-bert.attention_impl=cudnn), --set MODULE.ATTR=VALUE (A/B switches in mtjax.models, e.g.
+bert.attention_impl=cudnn or =flash), --set MODULE.ATTR=VALUE (A/B switches in mtjax.models, e.g.
 lstm.SCAN_UNROLL=1), --profile DIR (GPU kernel summary of 3 extra steps), --prng IMPL,
 --devices N (data parallel train steps over N GPUs; batch sizes are global), --cache-dir DIR
 (persistent compilation cache across the fresh processes).
@@ -26,8 +26,9 @@ Modes (`impl-kind-precision`):
   jax-pcgradfeat-{...}         PCGrad on the per-task gradients of the shared features
                                (`aggregate_on='features'`: one trunk backward).
   jax-eval-{...}               `make_eval_step` on a batch already on the device.
-  jax-predict-{...}            `mtjax.predict.make_eval_fn` fed host numpy batches, results
-                               fetched to the host every batch (what `predict` does).
+  jax-predict-{...}            `mtjax.predict.predict_dataset` over an in-memory dataset of
+                               PREDICT_STREAM_BATCHES batches (host batch assembly, pipelined
+                               transfer/compute/fetch, as `predict` runs); ms = stream time / batches.
   torch-train-{fp32,tf32,bf16} the reference `HICCAPReference`, eager; bf16 = autocast
                                (loss in fp32 outside autocast: BCE refuses autocast).
   torch-train-compile          `torch.compile(model)` + bf16 autocast.
@@ -68,20 +69,26 @@ PEAK_FLOPS = {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12}
 TRAIN_KINDS = ("train", "pcgrad", "pcgradfeat")
 PER_TASK_KINDS = {"pcgrad": "parameters", "pcgradfeat": "features"}
 MULTITASK_WEIGHTS = (0.1, 0.4, 0.2, 0.2)
+# Predict mode: batches in one timed stream (the pipeline's fill and drain are in the time).
+PREDICT_STREAM_BATCHES = 8
 
 # What `python -m mtjax.bench` runs with no --modes/--batch-sizes: the comparisons of
 # docs/benchmarks.md (~20 min on an H200, mostly compilation).
 _CUDNN = {"bert": {"attention_impl": "cudnn"}}
 _CUDNN_NO_ATTN_DROPOUT = {"bert": {"attention_impl": "cudnn", "attention_probs_dropout_prob": 0.0}}
+# Our fused kernels with dropout in training; cuDNN's where no dropout is active.
+_FLASH = {"bert": {"attention_impl": "flash"}}
 DEFAULT_PLAN: list[tuple[str, int, dict]] = [
     ("torch-train-fp32", 8, {}), ("torch-train-fp32", 16, {}), ("jax-train-fp32", 16, {}),
     ("torch-train-tf32", 16, {}), ("jax-train-tf32", 16, {}),
     ("torch-train-bf16", 16, {}), ("torch-train-bf16", 32, {}), ("torch-train-compile", 32, {}),
     ("jax-train-bf16", 16, {}), ("jax-pcgrad-bf16", 16, {}), ("jax-train-bf16", 32, {}),
+    ("jax-train-bf16", 16, _FLASH), ("jax-train-bf16", 32, _FLASH),
     # Not the original recipe (no dropout on BERT's attention probabilities): what the
     # fused kernel would give in training.
     ("jax-train-bf16", 32, _CUDNN_NO_ATTN_DROPOUT),
     ("torch-eval-bf16", 128, {}), ("jax-eval-bf16", 128, _CUDNN), ("jax-predict-bf16", 128, _CUDNN),
+    ("jax-predict-bf16", 256, _CUDNN),
     ("jax-eval-bf16", 128, {}),
     ("torch-eval-fp32", 32, {}), ("jax-eval-fp32", 32, {}),
 ]
@@ -203,6 +210,18 @@ def random_batch(config, batch: int, seed: int):
                 example_mask=np.ones(batch, np.float32))
 
 
+def random_dataset(config, clips: int, seed: int):
+    """An in-memory `ClipDataset` of `random_batch` clips, for `mtjax.predict.predict_dataset`."""
+    import numpy as np
+
+    from mtjax.data import ClipDataset
+
+    no = np.zeros(clips, bool)
+    return ClipDataset(clips=[f"clip{i}" for i in range(clips)], imdb_ids=[f"tt{i:07d}_1" for i in range(clips)],
+                       ids=np.arange(clips), arrays=random_batch(config, clips, seed), tasks=config.tasks,
+                       video_missing=no, audio_missing=no, rgb_flow_mismatch=no, empty_features=no)
+
+
 def median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
     for _ in range(warmup):
         fn()
@@ -233,6 +252,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     matmul_prec = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": None}[prec]
     device = jax.devices()[0]
     phases: dict[str, float] = {}
+    batches_per_call = 1  # batches one timed call runs (predict times a stream)
     t_phase = time.perf_counter()
     extra: dict[str, Any] = {"phases_s": phases}
 
@@ -293,27 +313,28 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
             jax.block_until_ready(compiled(params, stats, batch))
 
         med, times = median_time(one, spec["warmup"], spec["steps"])
-    else:  # predict: host batches in, host probabilities out, as mtjax.predict does
-        from mtjax.predict import make_eval_fn
+    else:  # predict: `predict_dataset` itself over a stream of host batches, as mtjax.predict runs
+        from mtjax.predict import host_batches, make_eval_fn, predict_dataset
 
-        eval_fn = make_eval_fn(cfg)
-        host = [{k: random_batch(cfg, B, seed=s)[k] for k in MODEL_INPUTS} for s in range(3)]
+        dataset = random_dataset(cfg, PREDICT_STREAM_BATCHES * B, seed=1)
+        _, first_inputs = next(host_batches(cfg, dataset, B))  # what the compiled forward is fed
         t0 = time.perf_counter()
         with ctx:
-            lowered = eval_fn.lower(variables, host[0])
+            lowered = make_eval_fn(cfg).lower(variables, first_inputs)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
-        counter = {"i": 0}
+        batches_per_call = PREDICT_STREAM_BATCHES
 
         def one():
-            counter["i"] += 1
-            out = jax.device_get(compiled(variables, host[counter["i"] % len(host)]))
-            assert np.all(np.isfinite(out[cfg.tasks[0]]))
+            for _, probs in predict_dataset(cfg, variables, dataset, B, eval_fn=compiled):
+                assert np.all(np.isfinite(probs[cfg.tasks[0]]))
 
         med, times = median_time(one, spec["warmup"], spec["steps"])
+        # Pipelined batches overlap: the time per batch is the stream's time over its length.
+        med, times = med / batches_per_call, [t / batches_per_call for t in times]
 
     if spec.get("profile"):
-        extra["profile"] = profile_steps(one, spec["profile"], steps=3)
+        extra["profile"] = profile_steps(one, spec["profile"], steps=3, batches_per_call=batches_per_call)
     for source in (lowered, compiled):  # not every backend/version reports it for both
         try:
             extra["xla_flops"] = float(source.cost_analysis()["flops"])
@@ -453,8 +474,9 @@ def run_jax_lstm(spec, cfg, ctx, device) -> dict[str, Any]:
                 peak_bytes=stats.get("peak_bytes_in_use"), **extra)
 
 
-def profile_steps(one, log_dir: str, steps: int) -> dict[str, Any]:
-    """Runs `steps` more steps under the JAX profiler and summarises the GPU kernels."""
+def profile_steps(one, log_dir: str, steps: int, batches_per_call: int = 1) -> dict[str, Any]:
+    """Runs `steps` more calls of `one` under the JAX profiler and summarises the GPU kernels
+    per batch (a call runs `batches_per_call` batches)."""
     import glob
 
     import jax
@@ -463,7 +485,7 @@ def profile_steps(one, log_dir: str, steps: int) -> dict[str, Any]:
         for _ in range(steps):
             one()
     traces = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))
-    return summarize_trace(traces[-1], steps) if traces else {"error": "no perfetto trace written"}
+    return summarize_trace(traces[-1], steps * batches_per_call) if traces else {"error": "no perfetto trace written"}
 
 
 def kernel_category(name: str) -> str:
