@@ -17,6 +17,9 @@ BINARY_TASK = "binary"
 VARIANTS = ("multitask", "binary")
 POOLING_MODES = ("faithful", "stable")
 ATTENTION_IMPLS = ("xla", "cudnn", "flash")
+# BertConfig fields that choose how BERT runs, not its weights (kept out of HF configs;
+# may change when loading a checkpoint).
+BERT_RUNTIME_FIELDS = ("attention_impl", "remat_attention_probs")
 
 
 class ConfigError(ValueError):
@@ -88,8 +91,8 @@ class BertConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("attention_impl")
-        d.pop("remat_attention_probs")
+        for name in BERT_RUNTIME_FIELDS:
+            d.pop(name)
         return {**d, "hidden_act": "gelu", "model_type": "bert"}
 
 
@@ -166,6 +169,10 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_attention_impl(self, impl: str | None) -> "ModelConfig":
+        """The same model with BERT's attention kernel set to `impl` (None: unchanged)."""
+        return self if impl is None else self.replace(bert=dataclasses.replace(self.bert, attention_impl=impl))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mtjax.checkpoint import CheckpointError
-from mtjax.config import ConfigError
+from mtjax.config import ATTENTION_IMPLS, ConfigError
 from mtjax.data import DataError
 
 PROG = "python -m mtjax.evaluate"
@@ -66,8 +66,9 @@ def run_data_options(run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str, *, data_root: str | Path | None = None,
-                        batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of the checkpoint on `split` (the record `main` writes, without printing)."""
+                        batch_size: int | None = None, attention_impl: str | None = None) -> dict[str, Any]:
+    """Metrics of the checkpoint on `split` (the record `main` writes, without printing);
+    `attention_impl` replaces the checkpoint's BERT attention kernel (same function)."""
     import jax
 
     from mtjax.checkpoint import load_model
@@ -97,6 +98,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, *, data_root: str | 
     batch_size = batch_size or opts["batch_size"]
 
     config, variables, _ = load_model(model_dir)
+    config = config.with_attention_impl(attention_impl)
     variables = uncommitted(variables)  # as in training: the same executable (and compile cache entry)
     dataset = load_split(json_path, i3d, vggish, model_config=config, tasks=config.tasks, **opts["reader"])
     if len(dataset) == 0:
@@ -117,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="data root (original layout); default: the run's data.root")
     p.add_argument("--out", help="metrics JSON (default: DIR/eval_<split>.json)")
     p.add_argument("--batch-size", type=int, help="default: the run's data.eval_batch_size, else 32")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS,
+                   help="BERT attention kernel (default: the checkpoint's); on GPUs in bf16, cudnn or flash "
+                        "run the same function fused")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
     try:
         record = evaluate_checkpoint(args.checkpoint, args.split, data_root=args.data_root,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size, attention_impl=args.attention)
         out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.split}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".partial")

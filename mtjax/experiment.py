@@ -25,7 +25,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
-from mtjax.config import BINARY_TASK, POOLING_MODES, VARIANTS, BertConfig, ConfigError, ModelConfig
+from mtjax.config import BERT_RUNTIME_FIELDS, BINARY_TASK, POOLING_MODES, VARIANTS, BertConfig, ConfigError, ModelConfig
 
 # Names the MTL registry knows (mtjax/mtl/registry.py); a plain list here keeps config
 # loading free of jax/optax imports. tests/test_experiment_config.py checks they agree.
@@ -329,17 +329,26 @@ def _check_model_overrides(m: ModelSection) -> dict[str, Any]:
             raise _err(f"model.overrides.{name}: must be one of {', '.join(allowed)}; "
                        f"got {_show(ov[name])}")
     if m.init_checkpoint is not None:
-        fixed = [k for k in SHAPE_FIELDS if k in ov]
+        fixed = [k for k in SHAPE_FIELDS if k in ov and not (k == "bert" and _bert_runtime_only(ov[k]))]
         if fixed:
             raise _err(f"model.overrides.{fixed[0]}: cannot be changed when loading "
                        f"model.init_checkpoint={m.init_checkpoint!r} (its weights fix the shapes "
-                       f"of {', '.join(SHAPE_FIELDS)}); drop it or start fresh")
+                       f"of {', '.join(SHAPE_FIELDS)}; of bert, only {', '.join(BERT_RUNTIME_FIELDS)} "
+                       f"may change); drop it or start fresh")
         # The rest is checked against the checkpoint's config in resolve_model_config.
         if "tasks" in ov:
             _model_error(lambda: ModelConfig(tasks=ov["tasks"]))
+        if "bert" in ov:
+            _model_error(lambda: BertConfig(**ov["bert"]))
     else:
         _model_error(lambda: ModelConfig.from_dict(ov))
     return ov
+
+
+def _bert_runtime_only(bert_overrides: Mapping[str, Any]) -> bool:
+    """Whether `model.overrides.bert` only chooses how BERT runs (attention kernel, remat),
+    which a checkpoint's weights do not fix."""
+    return set(bert_overrides) <= set(BERT_RUNTIME_FIELDS)
 
 
 def _model_error(make):
@@ -593,6 +602,8 @@ def resolve_model_config(exp: ExperimentConfig) -> ModelConfig:
             if lacking:
                 raise _err(f"model.overrides.tasks: checkpoint {ckpt} has no head for "
                            f"{', '.join(lacking)}; it has heads for {', '.join(base.tasks)}")
+        if "bert" in ov:  # runtime fields only (checked above): merge into the checkpoint's BERT
+            ov["bert"] = dataclasses.replace(base.bert, **ov["bert"])
         config = _model_error(lambda: base.replace(**ov))
     check_tasks(exp, config.tasks)
     return config

@@ -1,7 +1,7 @@
 """Per-clip probabilities from a model checkpoint.
 
     python -m mtjax.predict --checkpoint DIR --data-json FILE --i3d-dir DIR --vggish-dir DIR
-        --out FILE.jsonl [--batch-size N]
+        --out FILE.jsonl [--batch-size N] [--attention xla|cudnn|flash]
 
 One JSON line per clip (every clip of the JSON, labelled or not), eval mode:
 `{"clip": <json key>, "IMDBid": ..., "probs": {"<task>": [p_absent, p_present], ...}}`.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtjax.checkpoint import CheckpointError, load_model
-from mtjax.config import ModelConfig
+from mtjax.config import ATTENTION_IMPLS, ModelConfig
 from mtjax.data import ClipDataset, DataError, check_batch, load_split
 from mtjax.data.batching import pad_batch
 from mtjax.models.hiccap import MODEL_INPUTS, HICCAP
@@ -119,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vggish-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--attention", choices=ATTENTION_IMPLS,
+                   help="BERT attention kernel (default: the checkpoint's); on GPUs in bf16, cudnn or flash "
+                        "run the same function fused")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error("--batch-size must be positive")
     try:
         config, variables, _ = load_model(args.checkpoint)
+        config = config.with_attention_impl(args.attention)
         dataset = load_split(args.data_json, args.i3d_dir, args.vggish_dir, model_config=config,
                              require_labels=False)
         n = write_predictions(config, variables, dataset, Path(args.out), args.batch_size)

@@ -309,6 +309,22 @@ def test_resolve_from_checkpoint(tiny_checkpoint):
     assert resolve_model_config(plain) == config
 
 
+def test_checkpoint_keeps_its_bert_but_takes_runtime_choices(tiny_checkpoint):
+    # The attention kernel and remat choose how BERT runs, not its weights: they may change
+    # when loading a checkpoint; its sizes may not.
+    path, config = tiny_checkpoint
+    e = ExperimentConfig.from_dict(minimal(model={
+        "init_checkpoint": str(path), "overrides": {"bert": {"attention_impl": "flash"}}}))
+    mc = resolve_model_config(e)
+    assert mc.bert == dataclasses.replace(config.bert, attention_impl="flash")
+    raises(lambda: ExperimentConfig.from_dict(minimal(model={
+        "init_checkpoint": str(path), "overrides": {"bert": {"attention_impl": "fast"}}})),
+        "model.overrides", "attention_impl")
+    raises(lambda: ExperimentConfig.from_dict(minimal(model={
+        "init_checkpoint": str(path), "overrides": {"bert": {"attention_impl": "flash", "num_hidden_layers": 1}}})),
+        "model.overrides.bert", "cannot be changed", "attention_impl")
+
+
 def test_checkpoint_without_the_heads(tiny_checkpoint):
     path, config = tiny_checkpoint
     e = ExperimentConfig.from_dict(minimal(model={
