@@ -21,6 +21,7 @@ import numpy as np
 
 from mtjax.bench import median_time
 from mtjax.models import flash_attention as flash
+from mtjax.models.attention import _softmax_dropout_values
 
 RATE = 0.1
 
@@ -28,11 +29,7 @@ RATE = 0.1
 def written_out(q, k, v, key, rate):
     """The 'xla' training path: float32 softmax, nn.Dropout-style threefry mask, ·v."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if rate > 0:
-        keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - rate), 0)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return _softmax_dropout_values(scores, v, key if rate > 0 else None, rate)
 
 
 def cudnn(q, k, v, key, rate):
