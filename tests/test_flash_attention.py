@@ -69,6 +69,17 @@ def test_dropout_uses_the_mask_and_scales_kept_weights():
     np.testing.assert_allclose(out, jnp.where(keep, probs / (1 - rate), 0), atol=1e-6)
 
 
+def test_vmapped_backward_is_the_per_cotangent_backward():
+    # train_step's per-task gradients vmap the VJP: the kernels fold that axis into the batch.
+    q, k, v = _qkv((2, 20, 2, 8), seed=3)
+    _, vjp = jax.vjp(_interpreted(16, 16, 0.1, jnp.int32(4)), q, k, v)
+    cotangents = jax.random.normal(jax.random.key(9), (3, *q.shape))
+    batched = jax.jit(jax.vmap(vjp))(cotangents)
+    for t in range(3):
+        for got, want in zip(batched, jax.jit(vjp)(cotangents[t])):
+            np.testing.assert_allclose(got[t], want, atol=1e-6)
+
+
 def test_mask_statistics():
     rate = 0.1
     a = np.asarray(flash.keep_mask(jnp.int32(1), 8, 12, 128, 128, rate))

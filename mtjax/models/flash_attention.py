@@ -8,10 +8,17 @@ online softmax and keeps only the row log-sum-exp; the backward recomputes the
 probabilities block by block (one kernel for dK/dV, one for dQ).
 
 Dropout inside a kernel needs a mask that the backward can redraw without storing it, so
-it is a counter-based hash of (seed, batch·head, row, column) — `keep_mask` — instead of
-`nn.Dropout`'s threefry draw: same distribution (keep with 1 − rate, scale by 1/(1 − rate)),
-different bits. `attention_reference` computes the same function written out (the
-fallback off GPU, and the tests' reference).
+it is a counter-based hash of (example seed, head, row, column) — `keep_mask` — instead
+of `nn.Dropout`'s threefry draw: same distribution (keep with 1 − rate, scale by
+1/(1 − rate)), different bits. The example seeds, hash(seed, global batch index), are
+computed outside the kernels. `attention_reference` computes the same function written
+out (the fallback off GPU, and the tests' reference).
+
+Under batch sharding (mtjax/parallel.py) each kernel call is a `custom_partitioning`
+operation split along the batch alone: each device runs the kernels on its own examples,
+with their seeds, so a sharded step computes exactly the one-device function. (XLA's SPMD
+partitioner has no rule for a Pallas call: it would gather q/k/v and run the whole batch
+on every device.) On one device the kernels are lowered as they are.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Uniforms are the top 24 bits of the hash: enough resolution for any dropout rate.
 _UNIFORM_BITS = 24
@@ -48,9 +58,16 @@ def _hash32(x: jax.Array) -> jax.Array:
     return x ^ lax.shift_right_logical(x, jnp.int32(16))
 
 
-def _row_keys(seed: jax.Array, batch_head: jax.Array, rows: jax.Array) -> jax.Array:
-    """One key per (seed, batch·head, query row); columns are then hashed once each."""
-    return _hash32(_hash32(seed ^ _hash32(batch_head)) ^ rows)
+def _batch_seeds(seed: jax.Array, batch: int) -> jax.Array:
+    """(B,) per-example seeds. Computed in plain XLA, where an iota over the batch is
+    partitioned with it, so a batch-sharded call draws each example's mask from its GLOBAL
+    index: the kernels see only their shard's seeds, never a batch index of their own."""
+    return _hash32(seed ^ _hash32(jnp.arange(batch, dtype=jnp.int32)))
+
+
+def _row_keys(batch_seed: jax.Array, head: jax.Array, rows: jax.Array) -> jax.Array:
+    """One key per (example seed, head, query row); columns are then hashed once each."""
+    return _hash32(_hash32(batch_seed ^ _hash32(head)) ^ rows)
 
 
 def _keep(row_keys: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
@@ -61,12 +78,14 @@ def _keep(row_keys: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
 
 def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, k_len: int, rate: float) -> jax.Array:
     """The kernels' dropout mask as a (B, H, Lq, Lk) array (for the written-out path and tests)."""
-    bh = jnp.arange(batch * heads, dtype=jnp.int32)
     rows = jnp.arange(q_len, dtype=jnp.int32)
     cols = jnp.arange(k_len, dtype=jnp.int32)
-    keys = jax.vmap(lambda x: _row_keys(seed, x, rows))(bh)  # (B·H, Lq)
-    mask = jax.vmap(lambda kk: _keep(kk, cols, rate))(keys)
-    return mask.reshape(batch, heads, q_len, k_len)
+    head_ids = jnp.arange(heads, dtype=jnp.int32)
+
+    def example(batch_seed):  # (H, Lq, Lk)
+        return jax.vmap(lambda h: _keep(_row_keys(batch_seed, h, rows), cols, rate))(head_ids)
+
+    return jax.vmap(example)(_batch_seeds(seed, batch))
 
 
 def seed_from_key(key: jax.Array) -> jax.Array:
@@ -89,12 +108,12 @@ def attention_reference(q, k, v, seed, rate: float):
 # --------------------------------------------------------------------------- kernels
 
 def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, seq_len,
-                block_q, block_k, num_heads):
-    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                block_q, block_k):
+    i, h = pl.program_id(0), pl.program_id(2)
     padded_len = k_ref.shape[0]
     q = q_ref[...]
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
-    row_keys = _row_keys(seed_ref[0], b * num_heads + h, rows)
+    row_keys = _row_keys(seed_ref[0], h, rows)
 
     def body(j, carry):
         acc, m, l = carry
@@ -138,12 +157,12 @@ def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, *, scale, rate, 
 
 
 def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 scale, rate, seq_len, block_q, block_k, num_heads):
-    j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                 scale, rate, seq_len, block_q, block_k):
+    j, h = pl.program_id(0), pl.program_id(2)
     padded_len = q_ref.shape[0]
     k, v = k_ref[...], v_ref[...]
     cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    seed, bh = seed_ref[0], b * num_heads + h
+    seed = seed_ref[0]
 
     def body(i, carry):
         dk, dv = carry
@@ -151,7 +170,7 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
         q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]
         rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
         p_dropped, ds = _probs_and_dscores(
-            q, k, v, do, lse_ref[rows_slice], delta_ref[rows_slice], _row_keys(seed, bh, rows), cols,
+            q, k, v, do, lse_ref[rows_slice], delta_ref[rows_slice], _row_keys(seed, h, rows), cols,
             scale=scale, rate=rate, seq_len=seq_len, padded_len=padded_len)
         dv = dv + plgpu.dot(p_dropped.astype(do.dtype), do, trans_a=True)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
@@ -164,12 +183,12 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
 
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               scale, rate, seq_len, block_q, block_k, num_heads):
-    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+               scale, rate, seq_len, block_q, block_k):
+    i, h = pl.program_id(0), pl.program_id(2)
     padded_len = k_ref.shape[0]
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
-    row_keys = _row_keys(seed_ref[0], b * num_heads + h, rows)
+    row_keys = _row_keys(seed_ref[0], h, rows)
 
     def body(j, dq):
         keys = pl.ds(j * block_k, block_k)
@@ -210,14 +229,18 @@ def _pad_to(x: jax.Array, length: int) -> jax.Array:
     return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-class _Plan:
-    """Static settings of one call: padding, block specs, kernel keyword arguments."""
+def _padded_len(seq_len: int, blocks: Blocks) -> int:
+    tile = max(blocks.fwd_q, blocks.fwd_k, blocks.bwd_q, blocks.bwd_k)  # powers of two
+    return -(-seq_len // tile) * tile
 
-    def __init__(self, shape, rate: float, blocks: Blocks, interpret: bool):
-        self.batch, self.seq_len, self.heads, self.depth = shape
-        tile = max(blocks.fwd_q, blocks.fwd_k, blocks.bwd_q, blocks.bwd_k)  # powers of two
-        self.padded_len = -(-self.seq_len // tile) * tile
-        self.common = dict(scale=1.0 / math.sqrt(self.depth), rate=rate, seq_len=self.seq_len, num_heads=self.heads)
+
+class _Plan:
+    """Static settings of one kernel call on padded (B, L, H, d) operands of any batch size
+    (the local one under sharding): block specs, grid, kernel keyword arguments."""
+
+    def __init__(self, padded_shape, seq_len: int, rate: float, blocks: Blocks, interpret: bool):
+        self.batch, self.padded_len, self.heads, self.depth = padded_shape
+        self.common = dict(scale=1.0 / math.sqrt(self.depth), rate=rate, seq_len=seq_len)
         params = None if interpret else plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         self.call_args = dict(compiler_params=params, interpret=interpret)
 
@@ -238,7 +261,116 @@ class _Plan:
         return (self.padded_len // block, self.batch, self.heads)
 
 
-_SEED_SPEC = pl.BlockSpec((1,), lambda n, b, h: (0,))
+# The (B,) per-example seeds: each program reads its example's one.
+_SEED_SPEC = pl.BlockSpec((1,), lambda n, b, h: (b,))
+
+
+def _batch_only(mesh, like, shapes):
+    """Shardings for `shapes` (a pytree): the batch (leading) dimension split as in `like`,
+    every other dimension replicated — the kernels need whole rows, heads and depth."""
+    spec = getattr(like, "spec", ())  # NamedSharding on jit's mesh; no sharding: replicated
+    batch_axes = spec[0] if len(spec) else None
+    return jax.tree.map(lambda s: NamedSharding(mesh, P(batch_axes, *(None,) * (len(s.shape) - 1))), shapes)
+
+
+def _batch_parallel(call, rule: str):
+    """`call` (batch-first operands -> tuple of batch-first results, each example on its own)
+    as one operation that batch sharding and vmap both keep batch-parallel:
+
+    - XLA's SPMD partitioner has no rule for a Pallas custom call, so left alone it gathers
+      the operands and runs the whole batch on every device. Under `custom_partitioning`
+      each device runs `call` on its batch shard (`rule` is Shardy's, `infer` GSPMD's);
+    - `custom_partitioning` has no batching rule, so vmap (the per-task backward of
+      train_step) folds its axis into the batch: (T, B, ...) -> (B·T, ...), batch-major so
+      that a sharded batch stays sharded. Operands carry their example's seed, so folding
+      changes nothing. On one device `call` is lowered as is."""
+
+    def infer(mesh, arg_shapes, result_shape):
+        return _batch_only(mesh, arg_shapes[1].sharding, result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        q_sharding = arg_shapes[1].sharding
+        return (mesh, call, _batch_only(mesh, q_sharding, result_shape),
+                _batch_only(mesh, q_sharding, arg_shapes))
+
+    partitioned = custom_partitioning(call)
+    partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                              need_replication_factors=("l", "h", "d"))
+
+    @custom_vmap
+    def op(*operands):
+        return partitioned(*operands)
+
+    @op.def_vmap
+    def _(axis_size, in_batched, *operands):
+        def fold(x, batched):
+            x = x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            return jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
+
+        def unfold(y):
+            return jnp.moveaxis(y.reshape(-1, axis_size, *y.shape[1:]), 1, 0)
+
+        outs = op(*map(fold, operands, in_batched))
+        return tuple(map(unfold, outs)), (True,) * len(outs)
+
+    return op
+
+
+_BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l, b h l"  # seeds, q, k, v, dO, lse, delta
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
+    def call(batch_seeds, qp, kp, vp):
+        plan = _Plan(qp.shape, seq_len, rate, blocks, interpret)
+        bq, bk = blocks.fwd_q, blocks.fwd_k
+        return tuple(pl.pallas_call(
+            functools.partial(_fwd_kernel, block_q=bq, block_k=bk, **plan.common),
+            grid=plan.grid(bq),
+            in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows()],
+            out_specs=[plan.row_block(bq), plan.stats_block(bq)],
+            out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+                       jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.padded_len), jnp.float32)],
+            name="flash_attention_fwd", **plan.call_args,
+        )(batch_seeds, qp, kp, vp))
+
+    return _batch_parallel(call, "b, b l h d, b l h d, b l h d -> b l h d, b h l")
+
+
+@functools.lru_cache(maxsize=None)
+def _dkdv_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
+    def call(batch_seeds, qp, kp, vp, dop, lse, delta):
+        plan = _Plan(qp.shape, seq_len, rate, blocks, interpret)
+        bq, bk = blocks.bwd_q, blocks.bwd_k
+        return tuple(pl.pallas_call(
+            functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
+            grid=plan.grid(bk),
+            in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
+                      plan.whole_rows(), plan.whole_stats(), plan.whole_stats()],
+            out_specs=[plan.row_block(bk), plan.row_block(bk)],
+            out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
+            name="flash_attention_dkdv", **plan.call_args,
+        )(batch_seeds, qp, kp, vp, dop, lse, delta))
+
+    return _batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d, b l h d")
+
+
+@functools.lru_cache(maxsize=None)
+def _dq_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
+    def call(batch_seeds, qp, kp, vp, dop, lse, delta):
+        plan = _Plan(qp.shape, seq_len, rate, blocks, interpret)
+        bq, bk = blocks.bwd_q, blocks.bwd_k
+        return (pl.pallas_call(
+            functools.partial(_dq_kernel, block_q=bq, block_k=bk, **plan.common),
+            grid=plan.grid(bq),
+            in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows(),
+                      plan.row_block(bq), plan.stats_block(bq), plan.stats_block(bq)],
+            out_specs=plan.row_block(bq),
+            out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+            name="flash_attention_dq", **plan.call_args,
+        )(batch_seeds, qp, kp, vp, dop, lse, delta),)
+
+    return _batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -252,48 +384,21 @@ def flash_attention(q, k, v, seed, rate: float = 0.0, blocks: Blocks = Blocks(),
 
 
 def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
-    plan = _Plan(q.shape, rate, blocks, interpret)
-    qp, kp, vp = (_pad_to(x, plan.padded_len) for x in (q, k, v))
-    bq, bk = blocks.fwd_q, blocks.fwd_k
-    out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, block_q=bq, block_k=bk, **plan.common),
-        grid=plan.grid(bq),
-        in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows()],
-        out_specs=[plan.row_block(bq), plan.stats_block(bq)],
-        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
-                   jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.padded_len), jnp.float32)],
-        name="flash_attention_fwd", **plan.call_args,
-    )(seed.reshape(1), qp, kp, vp)
-    return out[:, :plan.seq_len], (qp, kp, vp, seed, out, lse)
+    seq_len = q.shape[1]
+    qp, kp, vp = (_pad_to(x, _padded_len(seq_len, blocks)) for x in (q, k, v))
+    out, lse = _fwd_op(seq_len, rate, blocks, interpret)(_batch_seeds(seed, q.shape[0]), qp, kp, vp)
+    return out[:, :seq_len], (qp, kp, vp, seed, out, lse)
 
 
 def _flash_bwd(rate, blocks, interpret, residuals, d_out):
     qp, kp, vp, seed, out, lse = residuals
-    plan = _Plan(d_out.shape, rate, blocks, interpret)
-    dop = _pad_to(d_out, plan.padded_len)
+    seq_len = d_out.shape[1]
+    dop = _pad_to(d_out, qp.shape[1])
     delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), dop.astype(jnp.float32))
-    operands = (seed.reshape(1), qp, kp, vp, dop, lse, delta)
-    bq, bk = blocks.bwd_q, blocks.bwd_k
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
-        grid=plan.grid(bk),
-        in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
-                  plan.whole_rows(), plan.whole_stats(), plan.whole_stats()],
-        out_specs=[plan.row_block(bk), plan.row_block(bk)],
-        out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
-        name="flash_attention_dkdv", **plan.call_args,
-    )(*operands)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_q=bq, block_k=bk, **plan.common),
-        grid=plan.grid(bq),
-        in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows(),
-                  plan.row_block(bq), plan.stats_block(bq), plan.stats_block(bq)],
-        out_specs=plan.row_block(bq),
-        out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-        name="flash_attention_dq", **plan.call_args,
-    )(*operands)
-    n = plan.seq_len
-    return dq[:, :n], dk[:, :n], dv[:, :n], np.zeros(seed.shape, jax.dtypes.float0)
+    operands = (_batch_seeds(seed, qp.shape[0]), qp, kp, vp, dop, lse, delta)
+    dk, dv = _dkdv_op(seq_len, rate, blocks, interpret)(*operands)
+    (dq,) = _dq_op(seq_len, rate, blocks, interpret)(*operands)
+    return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len], np.zeros(seed.shape, jax.dtypes.float0)
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
