@@ -17,9 +17,10 @@ BINARY_TASK = "binary"
 VARIANTS = ("multitask", "binary")
 POOLING_MODES = ("faithful", "stable")
 ATTENTION_IMPLS = ("xla", "cudnn", "flash")
+DROPOUT_IMPLS = ("threefry", "hash")
 # BertConfig fields that choose how BERT runs, not its weights (kept out of HF configs;
 # may change when loading a checkpoint).
-BERT_RUNTIME_FIELDS = ("attention_impl", "remat_attention_probs")
+BERT_RUNTIME_FIELDS = ("attention_impl", "remat_attention_probs", "hidden_dropout_impl")
 
 
 class ConfigError(ValueError):
@@ -64,10 +65,17 @@ class BertConfig:
     # recomputed). Saves two (B, H, L, L) tensors and the mask per layer (~2.9 GB at
     # batch 16 in float32); same function and gradients.
     remat_attention_probs: bool = False
+    # Not an HF field: how the hidden-state dropout masks are drawn (`mtjax.models.dropout`).
+    # 'threefry' = nn.Dropout's draw; 'hash' = an int32 counter hash of (seed, position),
+    # cheaper on GPUs. Same distribution, different bits.
+    hidden_dropout_impl: str = "threefry"
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"bert.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.hidden_dropout_impl not in DROPOUT_IMPLS:
+            raise ConfigError(f"bert.hidden_dropout_impl must be one of {DROPOUT_IMPLS}, "
+                              f"got {self.hidden_dropout_impl!r}")
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any]) -> "BertConfig":

@@ -14,6 +14,7 @@ import flax.linen as nn
 
 from mtjax.config import BertConfig
 from mtjax.models.attention import Dense, dot_product_attention, split_heads
+from mtjax.models.dropout import Dropout
 
 
 # "erf": x·½(1 + erf(x/√2)), PyTorch's own formula for exact GELU; "erfc": jax.nn.gelu's
@@ -48,7 +49,7 @@ class BertEmbeddings(nn.Module):
             jnp.zeros_like(input_ids))
         x = words + positions + token_types
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)(x, deterministic=deterministic)
         return x.astype(self.dtype)
 
 
@@ -83,7 +84,7 @@ class BertAddNorm(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         c = self.config
         x = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)(x, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x + residual)
         return x.astype(self.dtype)
 

@@ -37,25 +37,12 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# Uniforms are the top 24 bits of the hash: enough resolution for any dropout rate.
-_UNIFORM_BITS = 24
+# The counter hash and seed shared with the hidden-state dropout (`seed_from_key` is drawn
+# once per layer and step from the layer's dropout key).
+from mtjax.models.dropout import UNIFORM_BITS, hash32 as _hash32, keep_threshold, seed_from_key  # noqa: F401 (seed_from_key: re-exported)
+
 # Large finite instead of −inf for padded keys: exp() of it is 0, and no inf − inf appears.
 _MASKED = -1e30
-
-
-# lowbias32's multipliers as int32 (two's complement of the unsigned constants).
-_MUL1, _MUL2 = (np.uint32(c).view(np.int32) for c in (0x7FEB352D, 0x846CA68B))
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-    """A 32-bit integer mixer ("lowbias32", C. Wellons) on int32 with wrapping products:
-    a bijection whose every output bit depends on every input bit. Runs inside Triton
-    kernels and in plain XLA alike (xor, logical shift, multiply)."""
-    x = x ^ lax.shift_right_logical(x, jnp.int32(16))
-    x = x * _MUL1
-    x = x ^ lax.shift_right_logical(x, jnp.int32(15))
-    x = x * _MUL2
-    return x ^ lax.shift_right_logical(x, jnp.int32(16))
 
 
 def _batch_seeds(seed: jax.Array, batch: int) -> jax.Array:
@@ -72,8 +59,8 @@ def _row_keys(batch_seed: jax.Array, head: jax.Array, rows: jax.Array) -> jax.Ar
 
 def _keep(row_keys: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
     """(rows, cols) boolean keep-mask: P(keep) = 1 − rate (to 2⁻²⁴)."""
-    bits = lax.shift_right_logical(_hash32(row_keys[:, None] + cols[None, :]), jnp.int32(32 - _UNIFORM_BITS))
-    return bits >= jnp.int32(round(rate * (1 << _UNIFORM_BITS)))
+    bits = lax.shift_right_logical(_hash32(row_keys[:, None] + cols[None, :]), jnp.int32(32 - UNIFORM_BITS))
+    return bits >= keep_threshold(rate)
 
 
 def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, k_len: int, rate: float) -> jax.Array:
@@ -86,11 +73,6 @@ def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, k_len: int, r
         return jax.vmap(lambda h: _keep(_row_keys(batch_seed, h, rows), cols, rate))(head_ids)
 
     return jax.vmap(example)(_batch_seeds(seed, batch))
-
-
-def seed_from_key(key: jax.Array) -> jax.Array:
-    """An int32 kernel seed drawn from a JAX PRNG key (one per layer and step)."""
-    return lax.bitcast_convert_type(jax.random.bits(key, (), jnp.uint32), jnp.int32)
 
 
 def attention_reference(q, k, v, seed, rate: float):
