@@ -76,6 +76,9 @@ class Schedule:
     """Base = `all_at_once`: all tasks at once over shuffled batches of the whole train split."""
 
     name = "all_at_once"
+    # Whether the next batch depends on the last step's `observe`d losses (then the Trainer
+    # waits for every step before drawing the next batch instead of keeping one in flight).
+    draws_from_step_losses = False
     # Option name -> default. Options not listed here are refused (or, with an aggregator,
     # routed to it: see `split_strategy_options`).
     DEFAULTS: dict[str, Any] = {}
@@ -266,6 +269,7 @@ class DynamicDifficultySampling(Schedule):
 
     name = "dynamic_difficulty_sampling"
     DEFAULTS = {"k": 10, "min_per_task": 2}
+    draws_from_step_losses = True  # the weights of step i+1 count step i's losses
 
     def __init__(self, dataset, tasks, **kwargs):
         super().__init__(dataset, tasks, **kwargs)

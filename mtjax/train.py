@@ -12,6 +12,7 @@ plots, and `nonfinite_report.json` if the run stops on non-finite steps.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -223,9 +224,10 @@ class Trainer:
 
     # -- one epoch ----------------------------------------------------------------------
 
-    def _handle_step(self, log: MetricsLog, metrics, clips: list[str], epoch: int) -> None:
+    def _handle_step(self, log: MetricsLog, epoch: int, step: int, metrics, clips: list[str], mask) -> float:
+        """The host's part of train step number `step`: fetch its metrics, count non-finite
+        skips (stop after too many), log, feed the schedule. Returns the step's loss."""
         m = jax.device_get(metrics)
-        step = int(np.asarray(self.state["train"].step))
         if int(m["finite"]) == 0:
             self.consecutive_skips += 1
             bad = [t for t, v in zip(self.tasks, np.asarray(m["task_losses"])) if not np.isfinite(v)]
@@ -252,6 +254,8 @@ class Trainer:
             if sample_weights is not None:
                 record["sample_weights"] = sample_weights
             log.write(record)
+        self.schedule.observe(mask, np.asarray(m["task_losses"]))
+        return float(m["loss"])
 
     def train_epoch(self, epoch: int, log: MetricsLog) -> dict[str, float]:
         from tqdm import tqdm
@@ -260,14 +264,23 @@ class Trainer:
                    # A bar only on a terminal: in logs and CI it would print a line per update.
                    disable=not (self.exp.train.progress_bar and sys.stderr.isatty()), leave=False)
         seen, losses, t0 = 0, [], time.perf_counter()
+        # Step i's host work (fetching its metrics waits for it) runs after step i+1 is
+        # dispatched, so the device never idles while the host logs or dispatches. A schedule
+        # that draws the next batch from the last step's losses gets them first: one at a time.
+        in_flight = 0 if self.schedule.draws_from_step_losses else 1
+        pending: collections.deque = collections.deque()
+        step = int(np.asarray(self.state["train"].step))
         for clips, batch, mask in bar:
             self.state["train"], metrics = self.train_step(self.state["train"], batch, mask)
-            self._handle_step(log, metrics, clips, epoch)
-            self.schedule.observe(mask, np.asarray(metrics["task_losses"]))
-            losses.append(float(metrics["loss"]))
+            step += 1
+            pending.append((step, metrics, clips, mask))
+            while len(pending) > in_flight:
+                losses.append(self._handle_step(log, epoch, *pending.popleft()))
             seen += len(clips)
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", clips_per_s=f"{rate:.1f}")
+            if losses:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", clips_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        while pending:
+            losses.append(self._handle_step(log, epoch, *pending.popleft()))
         finite = [x for x in losses if np.isfinite(x)]
         return {"loss": float(np.mean(finite)) if finite else float("nan"),
                 "clips_per_s": seen / max(time.perf_counter() - t0, 1e-9)}

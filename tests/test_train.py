@@ -436,6 +436,39 @@ def test_nan_batch_changes_nothing_then_a_clean_step_trains(finished):
                                   before.batch_stats[f"heads_{task}"]["bn0"]["mean"])
 
 
+@pytest.mark.parametrize("schedule, queued", [("all_at_once", 1), ("dynamic_difficulty_sampling", 0)])
+def test_the_host_handles_a_step_while_the_next_one_is_queued(data_root, tmp_path, jax_cache, schedule, queued):
+    """Step i's metrics are fetched (which waits for step i) only after step i+1 is
+    dispatched, so the device never idles while the host logs; DDS, whose next batch
+    depends on the last step's losses, handles each step before drawing the next batch.
+    Either way every step is handled once, in order, with its own number."""
+    exp = ExperimentConfig.from_dict({**config_dict(tmp_path / "run", data_root, epochs=1, max_steps_per_epoch=4),
+                                      "strategy": {"schedule": schedule}})
+    trainer = train_mod.Trainer(exp)
+    dispatched, handled = [0], []
+    step_fn, handle = trainer.train_step, trainer._handle_step
+
+    def counting_step(*args):
+        dispatched[0] += 1
+        return step_fn(*args)
+
+    def recording_handle(log, epoch, step, *rest):
+        handled.append((step, dispatched[0]))
+        return handle(log, epoch, step, *rest)
+
+    trainer.train_step, trainer._handle_step = counting_step, recording_handle
+    log = train_mod.MetricsLog(tmp_path / "metrics.jsonl")
+    try:
+        stats = trainer.train_epoch(0, log)
+    finally:
+        log.close()
+    n = dispatched[0]
+    assert n >= 3 and [s for s, _ in handled] == list(range(1, n + 1))
+    assert [d for _, d in handled[:-1]] == [min(s + queued, n) for s, _ in handled[:-1]]
+    assert int(trainer.state["train"].step) == n and math.isfinite(stats["loss"])
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"] == list(range(1, n + 1))
+
+
 @pytest.mark.slow
 def test_huge_learning_rate_stops_with_a_report_and_checkpoints_stay_finite(
         finished, data_root, tmp_path, monkeypatch, capsys):
