@@ -37,8 +37,12 @@ Modes (`impl-kind-precision`):
 
 Timing: each config runs in a FRESH process (so the JAX peak-memory counter, which cannot be
 reset, belongs to that config alone); `warmup` steps first (compilation is excluded), then
-`steps` steps each ended by `block_until_ready` / `torch.cuda.synchronize`; the median is
-reported. Peak memory: JAX `device.memory_stats()['peak_bytes_in_use']` (whole process:
+`steps` samples, each `--steps-per-sample` steps (default 5) dispatched back to back and ended
+by one `block_until_ready` / `torch.cuda.synchronize`, as a training loop that keeps the next
+step queued runs them; ms/step = sample time / steps, median over samples. With
+`--steps-per-sample 1` every step waits for the previous one (the host's dispatch time then
+adds to every step: ~5 ms for the full-size JAX train step). JAX steps are called through
+`jax.jit` (its C++ dispatch path, as the Trainer calls them); compile_s is the first call. Peak memory: JAX `device.memory_stats()['peak_bytes_in_use']` (whole process:
 params, optimizer state, batch, activations); PyTorch `torch.cuda.max_memory_allocated`
 after `reset_peak_memory_stats` (model and optimizer already on the device, so counted too).
 
@@ -222,15 +226,33 @@ def random_dataset(config, clips: int, seed: int):
                        video_missing=no, audio_missing=no, rgb_flow_mismatch=no, empty_features=no)
 
 
-def median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
+# Steps dispatched back to back per timed sample (`--steps-per-sample`).
+STEPS_PER_SAMPLE = 5
+
+
+def median_time(dispatch, sync, warmup: int, samples: int, per_sample: int = 1) -> tuple[float, list[float]]:
+    """Median seconds per step. `dispatch()` queues one step, `sync()` waits for the last one;
+    a sample is `per_sample` dispatches then one sync."""
     for _ in range(warmup):
-        fn()
+        dispatch()
+        sync()
     times = []
-    for _ in range(steps):
+    for _ in range(samples):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(per_sample):
+            dispatch()
+        sync()
+        times.append((time.perf_counter() - t0) / per_sample)
     return statistics.median(times), times
+
+
+def timed_first_call(fn, *args):
+    """(result, seconds) of the first call: tracing, compilation and one run."""
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- JAX worker
@@ -253,6 +275,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     device = jax.devices()[0]
     phases: dict[str, float] = {}
     batches_per_call = 1  # batches one timed call runs (predict times a stream)
+    per_sample = spec.get("steps_per_sample") or STEPS_PER_SAMPLE
     t_phase = time.perf_counter()
     extra: dict[str, Any] = {"phases_s": phases}
 
@@ -283,19 +306,20 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             step = jax.jit(step_fn, donate_argnums=0)
             batch = jax.device_put(host_batch)
-        t0 = time.perf_counter()
         with ctx:
             lowered = step.lower(state, batch, mask)
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0
-        holder = {"state": state}
+            (state, metrics), compile_s = timed_first_call(step, state, batch, mask)
+        holder = {"state": state, "loss": metrics["loss"]}
 
         def one():
-            holder["state"], metrics = compiled(holder["state"], batch, mask)
-            metrics["loss"].block_until_ready()
+            with ctx:
+                holder["state"], metrics = step(holder["state"], batch, mask)
             holder["loss"] = metrics["loss"]
 
-        med, times = median_time(one, spec["warmup"], spec["steps"])
+        def sync():
+            holder["loss"].block_until_ready()
+
+        med, times = median_time(one, sync, spec["warmup"], spec["steps"], per_sample)
         extra["loss"] = float(holder["loss"])
         if not math.isfinite(extra["loss"]):
             raise FloatingPointError(f"non-finite loss {extra['loss']}")
@@ -303,50 +327,48 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
         step = jax.jit(make_eval_step(cfg))
         batch = jax.device_put({k: host_batch[k] for k in MODEL_INPUTS})
         params, stats = variables["params"], variables["batch_stats"]
-        t0 = time.perf_counter()
         with ctx:
             lowered = step.lower(params, stats, batch)
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0
+            out, compile_s = timed_first_call(step, params, stats, batch)
+        holder = {"out": out}
 
         def one():
-            jax.block_until_ready(compiled(params, stats, batch))
+            with ctx:
+                holder["out"] = step(params, stats, batch)
 
-        med, times = median_time(one, spec["warmup"], spec["steps"])
+        def sync():
+            jax.block_until_ready(holder["out"])
+
+        med, times = median_time(one, sync, spec["warmup"], spec["steps"], per_sample)
     else:  # predict: `predict_dataset` itself over a stream of host batches, as mtjax.predict runs
         from mtjax.predict import host_batches, make_eval_fn, predict_dataset
 
         dataset = random_dataset(cfg, PREDICT_STREAM_BATCHES * B, seed=1)
         _, first_inputs = next(host_batches(cfg, dataset, B))  # what the compiled forward is fed
-        t0 = time.perf_counter()
+        eval_fn = make_eval_fn(cfg)
         with ctx:
-            lowered = make_eval_fn(cfg).lower(variables, first_inputs)
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0
+            lowered = eval_fn.lower(variables, first_inputs)
+            compile_s = timed_first_call(eval_fn, variables, first_inputs)[1]
         batches_per_call = PREDICT_STREAM_BATCHES
 
         def one():
-            for _, probs in predict_dataset(cfg, variables, dataset, B, eval_fn=compiled):
-                assert np.all(np.isfinite(probs[cfg.tasks[0]]))
+            with ctx:
+                for _, probs in predict_dataset(cfg, variables, dataset, B, eval_fn=eval_fn):
+                    assert np.all(np.isfinite(probs[cfg.tasks[0]]))
 
-        med, times = median_time(one, spec["warmup"], spec["steps"])
+        def sync():  # the stream has fetched every result: nothing left to wait for
+            pass
+
+        med, times = median_time(one, sync, spec["warmup"], spec["steps"])
         # Pipelined batches overlap: the time per batch is the stream's time over its length.
         med, times = med / batches_per_call, [t / batches_per_call for t in times]
 
     if spec.get("profile"):
-        extra["profile"] = profile_steps(one, spec["profile"], steps=3, batches_per_call=batches_per_call)
-    for source in (lowered, compiled):  # not every backend/version reports it for both
-        try:
-            extra["xla_flops"] = float(source.cost_analysis()["flops"])
-            extra.pop("xla_flops_error", None)
-            break
-        except Exception as e:
-            extra["xla_flops_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    try:
-        ma = compiled.memory_analysis()
-        extra["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
-    except Exception:
-        pass
+        extra["profile"] = profile_steps(one, sync, spec["profile"], steps=3, batches_per_call=batches_per_call)
+    try:  # not every backend/version reports it
+        extra["xla_flops"] = float(lowered.cost_analysis()["flops"])
+    except Exception as e:
+        extra["xla_flops_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     phases["total"] = time.perf_counter() - t_phase
     # The busiest device's peak (several only in data-parallel runs).
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
@@ -455,28 +477,31 @@ def run_jax_lstm(spec, cfg, ctx, device) -> dict[str, Any]:
         return (jnp.mean(jnp.square(vid.apply(p[0], xv).astype(jnp.float32)))
                 + jnp.mean(jnp.square(aud.apply(p[1], xa).astype(jnp.float32))))
 
-    t0 = time.perf_counter()
+    step = jax.jit(jax.value_and_grad(loss))
     with ctx:
-        lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+        out, compile_s = timed_first_call(step, params)
+    holder = {"out": out}
 
     def one():
-        jax.block_until_ready(compiled(params))
+        with ctx:
+            holder["out"] = step(params)
 
-    med, times = median_time(one, spec["warmup"], spec["steps"])
+    def sync():
+        jax.block_until_ready(holder["out"])
+
+    med, times = median_time(one, sync, spec["warmup"], spec["steps"], spec.get("steps_per_sample") or STEPS_PER_SAMPLE)
     extra = {}
     if spec.get("profile"):
-        extra["profile"] = profile_steps(one, spec["profile"], steps=3)
+        extra["profile"] = profile_steps(one, sync, spec["profile"], steps=3)
     stats = device.memory_stats() or {}
     return dict(device=f"{device.platform}:{device.device_kind}", ms=med * 1e3,
                 times_ms=[t * 1e3 for t in times], compile_s=compile_s,
                 peak_bytes=stats.get("peak_bytes_in_use"), **extra)
 
 
-def profile_steps(one, log_dir: str, steps: int, batches_per_call: int = 1) -> dict[str, Any]:
-    """Runs `steps` more calls of `one` under the JAX profiler and summarises the GPU kernels
-    per batch (a call runs `batches_per_call` batches)."""
+def profile_steps(one, sync, log_dir: str, steps: int, batches_per_call: int = 1) -> dict[str, Any]:
+    """Runs `steps` more calls of `one`, back to back, then `sync`, under the JAX profiler and
+    summarises the GPU kernels per batch (a call runs `batches_per_call` batches)."""
     import glob
 
     import jax
@@ -484,6 +509,7 @@ def profile_steps(one, log_dir: str, steps: int, batches_per_call: int = 1) -> d
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
             one()
+        sync()
     traces = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))
     return summarize_trace(traces[-1], steps * batches_per_call) if traces else {"error": "no perfetto trace written"}
 
@@ -595,20 +621,20 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
             loss = multitask_original_loss({t: p.float() for t, p in probs.items()}, labels)
             loss.backward()
             opt.step()
-            sync()
-            holder["loss"] = loss
+            holder["loss"] = loss.detach()
     else:
         def one():
             with torch.no_grad(), autocast():
                 probs = fwd(*inputs)
-            sync()
             holder["probs"] = probs
 
     warmup = spec["warmup"] + (3 if prec == "compile" else 0)  # compile happens in the first calls
     t0 = time.perf_counter()
     one()
+    sync()
     compile_s = time.perf_counter() - t0
-    med, times = median_time(one, max(warmup - 1, 0), spec["steps"])
+    med, times = median_time(one, sync, max(warmup - 1, 0), spec["steps"],
+                             spec.get("steps_per_sample") or STEPS_PER_SAMPLE)
     extra = {}
     if "loss" in holder:
         extra["loss"] = float(holder["loss"])
@@ -637,7 +663,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     apply_module_settings(spec.get("set"))
     record = {"mode": spec["mode"], "impl": impl, "kind": kind, "precision": prec, "batch": spec["batch"],
               "smoke": spec["smoke"], "model": {**(spec.get("model") or {}), **(spec.get("set") or {})},
-              "prng": spec.get("prng"), "devices": spec.get("devices")}
+              "prng": spec.get("prng"), "devices": spec.get("devices"),
+              "steps_per_sample": spec.get("steps_per_sample") or STEPS_PER_SAMPLE}
     try:
         out = run_jax(spec) if impl == "jax" else run_torch(spec)
     except Exception as e:  # one failed config (OOM, torch.compile) must not sink the table
@@ -800,7 +827,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtjax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", help="comma-separated; with --modes, every mode at every size")
     p.add_argument("--modes", help="comma-separated modes (see the module docstring)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per config (median reported)")
+    p.add_argument("--steps", type=int, default=None, help="timed samples per config (median reported)")
+    p.add_argument("--steps-per-sample", type=int, default=STEPS_PER_SAMPLE,
+                   help="steps dispatched back to back per timed sample (1: wait for every step)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="write the Markdown table here")
     p.add_argument("--json", help="append the raw records (JSON lines) here")
@@ -861,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for mode, batch, plan_overrides in plan:
         spec = {"mode": mode, "batch": batch, "steps": steps, "warmup": warmup, "smoke": smoke,
+                "steps_per_sample": args.steps_per_sample,
                 "devices": args.devices if args.devices > 1 and parse_mode(mode)[1] in TRAIN_KINDS else None,
                 "model": _merge(plan_overrides, overrides), "prng": args.prng, "set": _parse_overrides(args.set, nest_bert=False),
                 "profile": os.path.join(args.profile, f"{mode}-b{batch}") if args.profile else None}
