@@ -59,8 +59,8 @@ def time_path(fn, q, k, v, steps: int) -> tuple[float, float]:
     fwd = jax.jit(fn)
     grad = jax.jit(jax.grad(lambda q, k, v, key: fn(q, k, v, key).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
     keys = iter(jax.random.split(jax.random.key(1), 10_000))
-    ms_fwd, _ = median_time(lambda: jax.block_until_ready(fwd(q, k, v, next(keys))), 3, steps)
-    ms_bwd, _ = median_time(lambda: jax.block_until_ready(grad(q, k, v, next(keys))), 3, steps)
+    ms_fwd, _ = median_time(lambda: jax.block_until_ready(fwd(q, k, v, next(keys))), lambda: None, 3, steps)
+    ms_bwd, _ = median_time(lambda: jax.block_until_ready(grad(q, k, v, next(keys))), lambda: None, 3, steps)
     return ms_fwd * 1e3, ms_bwd * 1e3
 
 

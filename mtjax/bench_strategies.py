@@ -66,7 +66,7 @@ def random_batch(config: ModelConfig, batch_size: int, seed: int = 0) -> dict:
 
 def _median_ms(fn, steps: int) -> float:
     """Median ms of `fn` (its result waited for) after a compile and a warm call."""
-    median_s, _ = median_time(lambda: jax.block_until_ready(fn()), warmup=2, steps=steps)
+    median_s, _ = median_time(lambda: jax.block_until_ready(fn()), lambda: None, warmup=2, samples=steps)
     return 1000 * median_s
 
 
