@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtjax.bench import build_plan, format_table, model_flops_per_clip, parse_mode, step_flops, table_rows
+from mtjax.bench import build_plan, format_table, median_time, model_flops_per_clip, parse_mode, step_flops, table_rows
 from mtjax.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,26 @@ def test_full_size_flops_match_the_issue_estimate():
     # The issue: "about 5 TFLOP at batch 16" for a train step (forward + backward).
     assert 4.5e12 < step_flops(config, "train", 16) < 5.5e12
     assert step_flops(config, "eval", 16) == pytest.approx(step_flops(config, "train", 16) / 3)
+
+
+def test_timing_queues_steps_back_to_back_and_reports_time_per_step(monkeypatch):
+    """A sample dispatches `per_sample` steps, then waits once; the time is per step."""
+    import mtjax.bench as bench
+
+    clock, events = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def dispatch():
+        events.append("d")
+        clock[0] += 1.0  # host time per dispatch
+
+    def sync():
+        events.append("s")
+        clock[0] += 7.0  # the last step's remaining device time
+
+    med, times = median_time(dispatch, sync, warmup=1, samples=2, per_sample=5)
+    assert events == ["d", "s"] + (["d"] * 5 + ["s"]) * 2
+    assert times == [12.0 / 5] * 2 and med == 12.0 / 5
 
 
 def test_modes_are_validated():
