@@ -346,7 +346,7 @@ def _check_model_overrides(m: ModelSection) -> dict[str, Any]:
 
 
 def _bert_runtime_only(bert_overrides: Mapping[str, Any]) -> bool:
-    """Whether `model.overrides.bert` only chooses how BERT runs (attention kernel, remat),
+    """Whether `model.overrides.bert` only chooses how BERT runs (attention kernel, remat, dropout masks),
     which a checkpoint's weights do not fix."""
     return set(bert_overrides) <= set(BERT_RUNTIME_FIELDS)
 

@@ -310,13 +310,14 @@ def test_resolve_from_checkpoint(tiny_checkpoint):
 
 
 def test_checkpoint_keeps_its_bert_but_takes_runtime_choices(tiny_checkpoint):
-    # The attention kernel and remat choose how BERT runs, not its weights: they may change
-    # when loading a checkpoint; its sizes may not.
+    # The attention kernel, remat and the dropout mask generator choose how BERT runs, not its
+    # weights: they may change when loading a checkpoint; its sizes may not.
     path, config = tiny_checkpoint
     e = ExperimentConfig.from_dict(minimal(model={
-        "init_checkpoint": str(path), "overrides": {"bert": {"attention_impl": "flash"}}}))
+        "init_checkpoint": str(path),
+        "overrides": {"bert": {"attention_impl": "flash", "hidden_dropout_impl": "hash"}}}))
     mc = resolve_model_config(e)
-    assert mc.bert == dataclasses.replace(config.bert, attention_impl="flash")
+    assert mc.bert == dataclasses.replace(config.bert, attention_impl="flash", hidden_dropout_impl="hash")
     raises(lambda: ExperimentConfig.from_dict(minimal(model={
         "init_checkpoint": str(path), "overrides": {"bert": {"attention_impl": "fast"}}})),
         "model.overrides", "attention_impl")
