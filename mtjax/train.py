@@ -269,18 +269,27 @@ class Trainer:
         # that draws the next batch from the last step's losses gets them first: one at a time.
         in_flight = 0 if self.schedule.draws_from_step_losses else 1
         pending: collections.deque = collections.deque()
-        step = int(np.asarray(self.state["train"].step))
-        for clips, batch, mask in bar:
-            self.state["train"], metrics = self.train_step(self.state["train"], batch, mask)
-            step += 1
-            pending.append((step, metrics, clips, mask))
-            while len(pending) > in_flight:
+
+        def handle_pending(keep: int) -> None:
+            while len(pending) > keep:
                 losses.append(self._handle_step(log, epoch, *pending.popleft()))
-            seen += len(clips)
-            if losses:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", clips_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        while pending:
-            losses.append(self._handle_step(log, epoch, *pending.popleft()))
+
+        step = int(np.asarray(self.state["train"].step))
+        try:
+            for clips, batch, mask in bar:
+                self.state["train"], metrics = self.train_step(self.state["train"], batch, mask)
+                step += 1
+                pending.append((step, metrics, clips, mask))
+                handle_pending(in_flight)
+                seen += len(clips)
+                if losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", clips_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        except TrainingStopped:
+            raise
+        except BaseException:
+            handle_pending(0)  # a crash in the loop still logs the steps that were taken
+            raise
+        handle_pending(0)
         finite = [x for x in losses if np.isfinite(x)]
         return {"loss": float(np.mean(finite)) if finite else float("nan"),
                 "clips_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
