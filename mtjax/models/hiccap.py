@@ -14,7 +14,7 @@ from mtjax.config import ModelConfig
 from mtjax.models.bert import FlaxBert
 from mtjax.models.fusion import AdditivePooling, CrossBranch, DropNorm, Projection
 from mtjax.models.heads import TaskHead
-from mtjax.models.lstm import BiLSTM
+from mtjax.models.lstm import BiLSTM, run_together
 
 MODEL_INPUTS = ("text", "text_mask", "video", "video_mask", "audio", "audio_mask")
 
@@ -77,12 +77,12 @@ class HICCAP(nn.Module):
         text = self.bert(batch["text"], deterministic=deterministic)
         keep("bert", text)
 
-        video_seq = self.rnn_img(batch["video"].astype(dt))
+        video_seq, audio_seq = run_together([self.rnn_img, self.rnn_audio],
+                                            [batch["video"].astype(dt), batch["audio"].astype(dt)])
         keep("rnn_img", video_seq)
+        keep("rnn_audio", audio_seq)
         video_seq = self.rnn_img_drop_norm(video_seq, deterministic=deterministic)
         keep("rnn_img_drop_norm", video_seq)
-        audio_seq = self.rnn_audio(batch["audio"].astype(dt))
-        keep("rnn_audio", audio_seq)
         audio_seq = self.rnn_audio_drop_norm(audio_seq, deterministic=deterministic)
         keep("rnn_audio_drop_norm", audio_seq)
 

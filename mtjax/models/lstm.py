@@ -29,6 +29,8 @@ import flax.linen as nn
 RECURRENCE = "custom_vjp"
 # `lax.scan(unroll=...)` of the recurrence (forward and backward).
 SCAN_UNROLL = 4
+# `run_together` runs several BiLSTMs' recurrences in one scan (True) or one after the other.
+JOINT_SCAN = True
 
 
 def _torch_lstm_init(hidden: int):
@@ -106,12 +108,46 @@ def _recurrence_bwd(dtype, res, dhs):
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
+def _recurrences(parts, dtype) -> list[jax.Array]:
+    """The recurrences of several layers (each `(projected (T, 2, B, 4H), w_hh, b_hh)`) as one:
+    stacked on the direction axis, the shorter ones padded in time at the end of their scan
+    order. Padded steps come after every real step (in both directions: the backward one scans
+    its reversed input), so they change no real output, and their outputs' zero cotangents give
+    them zero gradients. Returns each layer's hs (T_i, 2, B, H)."""
+    if len(parts) == 1:
+        projected, w_hh, b_hh = parts[0]
+        return [recurrence(projected, w_hh, b_hh, dtype)]
+    steps = max(p.shape[0] for p, _, _ in parts)
+    projected = jnp.concatenate([jnp.pad(p, ((0, steps - p.shape[0]), (0, 0), (0, 0), (0, 0)))
+                                 for p, _, _ in parts], axis=1)
+    hs = recurrence(projected, jnp.concatenate([w for _, w, _ in parts]),
+                    jnp.concatenate([b for _, _, b in parts]), dtype)
+    return [hs[:p.shape[0], 2 * n:2 * n + 2] for n, (p, _, _) in enumerate(parts)]
+
+
+def _layer_output(hs: jax.Array, dtype) -> jax.Array:
+    """hs (T, 2, B, H) in scan order → (B, T, 2H): [forward, backward] at each time step."""
+    forward = jnp.swapaxes(hs[:, 0], 0, 1)
+    backward = jnp.swapaxes(hs[::-1, 1], 0, 1)
+    return jnp.concatenate([forward, backward], axis=-1).astype(dtype)
+
+
 class BiLSTMLayer(nn.Module):
     hidden: int
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        projected, w_hh, b_hh = self.project(x)
+        if RECURRENCE == "custom_vjp":
+            hs = recurrence(projected, w_hh, b_hh, jnp.dtype(self.dtype))
+        else:
+            hs = _scan(projected, w_hh, b_hh, jnp.dtype(self.dtype), save=False)
+        return _layer_output(hs, self.dtype)
+
+    @nn.compact
+    def project(self, x: jax.Array):
+        """The parallel part: every time step's input projection for both directions,
+        (T, 2, B, 4H) in scan order, with the recurrence's parameters (w_hh, b_hh)."""
         batch, _, in_dim = x.shape
         h4 = 4 * self.hidden
         init = _torch_lstm_init(self.hidden)
@@ -128,14 +164,7 @@ class BiLSTMLayer(nn.Module):
         both = jnp.stack([x, x[:, ::-1]])  # (2, B, T, in): backward reads time reversed
         projected = (jnp.einsum("zbti,zig->tzbg", both, w_ih).astype(f32)
                      + b_ih[None, :, None, :])
-
-        if RECURRENCE == "custom_vjp":
-            hs = recurrence(projected, w_hh, b_hh, jnp.dtype(self.dtype))
-        else:
-            hs = _scan(projected, w_hh, b_hh, jnp.dtype(self.dtype), save=False)
-        forward = jnp.swapaxes(hs[:, 0], 0, 1)
-        backward = jnp.swapaxes(hs[::-1, 1], 0, 1)
-        return jnp.concatenate([forward, backward], axis=-1).astype(self.dtype)
+        return projected, w_hh, b_hh
 
 
 class BiLSTM(nn.Module):
@@ -145,8 +174,29 @@ class BiLSTM(nn.Module):
     num_layers: int
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.layers = [BiLSTMLayer(self.hidden, self.dtype, name=f"layer_{k}") for k in range(self.num_layers)]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        for k in range(self.num_layers):
-            x = BiLSTMLayer(self.hidden, self.dtype, name=f"layer_{k}")(x)
+        for layer in self.layers:
+            x = layer(x)
         return x
+
+
+def run_together(lstms: list[BiLSTM], inputs: list[jax.Array]) -> list[jax.Array]:
+    """`[lstm(x) for lstm, x in zip(lstms, inputs)]`, with the recurrences of each layer in one
+    scan: the sequential steps are those of the longest input, not the sum (HICCAP's video and
+    audio LSTMs: 63 steps per layer instead of 36 + 63). The recurrence is latency-bound, so a
+    step over four directions costs about what one over two does. Needs the same batch size,
+    hidden size, depth and dtype; otherwise (or with `JOINT_SCAN` off) runs them one by one."""
+    first = lstms[0]
+    joint = (JOINT_SCAN and RECURRENCE == "custom_vjp" and len({x.shape[0] for x in inputs}) == 1
+             and all((m.hidden, m.num_layers, m.dtype) == (first.hidden, first.num_layers, first.dtype)
+                     for m in lstms))
+    if not joint:
+        return [lstm(x) for lstm, x in zip(lstms, inputs)]
+    xs = list(inputs)
+    for k in range(first.num_layers):
+        parts = [lstm.layers[k].project(x) for lstm, x in zip(lstms, xs)]
+        xs = [_layer_output(hs, first.dtype) for hs in _recurrences(parts, jnp.dtype(first.dtype))]
+    return xs
