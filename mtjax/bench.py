@@ -42,7 +42,8 @@ by one `block_until_ready` / `torch.cuda.synchronize`, as a training loop that k
 step queued runs them; ms/step = sample time / steps, median over samples. With
 `--steps-per-sample 1` every step waits for the previous one (the host's dispatch time then
 adds to every step: ~5 ms for the full-size JAX train step). JAX steps are called through
-`jax.jit` (its C++ dispatch path, as the Trainer calls them); compile_s is the first call. Peak memory: JAX `device.memory_stats()['peak_bytes_in_use']` (whole process:
+`jax.jit` (its C++ dispatch path, as the Trainer calls them); compile_s is the first call.
+Peak memory: JAX `device.memory_stats()['peak_bytes_in_use']` (whole process:
 params, optimizer state, batch, activations); PyTorch `torch.cuda.max_memory_allocated`
 after `reset_peak_memory_stats` (model and optimizer already on the device, so counted too).
 
@@ -246,6 +247,10 @@ def median_time(dispatch, sync, warmup: int, samples: int, per_sample: int = 1) 
     return statistics.median(times), times
 
 
+def steps_per_sample(spec: dict[str, Any]) -> int:
+    return spec.get("steps_per_sample") or STEPS_PER_SAMPLE
+
+
 def timed_first_call(fn, *args):
     """(result, seconds) of the first call: tracing, compilation and one run."""
     import jax
@@ -275,7 +280,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     device = jax.devices()[0]
     phases: dict[str, float] = {}
     batches_per_call = 1  # batches one timed call runs (predict times a stream)
-    per_sample = spec.get("steps_per_sample") or STEPS_PER_SAMPLE
+    per_sample = steps_per_sample(spec)
     t_phase = time.perf_counter()
     extra: dict[str, Any] = {"phases_s": phases}
 
@@ -489,7 +494,7 @@ def run_jax_lstm(spec, cfg, ctx, device) -> dict[str, Any]:
     def sync():
         jax.block_until_ready(holder["out"])
 
-    med, times = median_time(one, sync, spec["warmup"], spec["steps"], spec.get("steps_per_sample") or STEPS_PER_SAMPLE)
+    med, times = median_time(one, sync, spec["warmup"], spec["steps"], steps_per_sample(spec))
     extra = {}
     if spec.get("profile"):
         extra["profile"] = profile_steps(one, sync, spec["profile"], steps=3)
@@ -633,8 +638,7 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     one()
     sync()
     compile_s = time.perf_counter() - t0
-    med, times = median_time(one, sync, max(warmup - 1, 0), spec["steps"],
-                             spec.get("steps_per_sample") or STEPS_PER_SAMPLE)
+    med, times = median_time(one, sync, max(warmup - 1, 0), spec["steps"], steps_per_sample(spec))
     extra = {}
     if "loss" in holder:
         extra["loss"] = float(holder["loss"])
@@ -664,7 +668,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     record = {"mode": spec["mode"], "impl": impl, "kind": kind, "precision": prec, "batch": spec["batch"],
               "smoke": spec["smoke"], "model": {**(spec.get("model") or {}), **(spec.get("set") or {})},
               "prng": spec.get("prng"), "devices": spec.get("devices"),
-              "steps_per_sample": spec.get("steps_per_sample") or STEPS_PER_SAMPLE}
+              "steps_per_sample": steps_per_sample(spec)}
     try:
         out = run_jax(spec) if impl == "jax" else run_torch(spec)
     except Exception as e:  # one failed config (OOM, torch.compile) must not sink the table

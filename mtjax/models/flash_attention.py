@@ -39,7 +39,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 # The counter hash and seed shared with the hidden-state dropout (`seed_from_key` is drawn
 # once per layer and step from the layer's dropout key).
-from mtjax.models.dropout import UNIFORM_BITS, hash32 as _hash32, keep_threshold, seed_from_key  # noqa: F401 (seed_from_key: re-exported)
+from mtjax.models.dropout import UNIFORM_BITS, hash32 as _hash32, keep_threshold
+from mtjax.models.dropout import seed_from_key  # noqa: F401  (re-exported: attention.py's seed)
 
 # Large finite instead of −inf for padded keys: exp() of it is 0, and no inf − inf appears.
 _MASKED = -1e30
