@@ -109,19 +109,20 @@ recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def _recurrences(parts, dtype) -> list[jax.Array]:
-    """The recurrences of several layers (each `(projected (T, 2, B, 4H), w_hh, b_hh)`) as one:
-    stacked on the direction axis, the shorter ones padded in time at the end of their scan
-    order. Padded steps come after every real step (in both directions: the backward one scans
-    its reversed input), so they change no real output, and their outputs' zero cotangents give
-    them zero gradients. Returns each layer's hs (T_i, 2, B, H)."""
-    if len(parts) == 1:
-        projected, w_hh, b_hh = parts[0]
-        return [recurrence(projected, w_hh, b_hh, dtype)]
+    """The recurrences of one or several layers (each `(projected (T, 2, B, 4H), w_hh, b_hh)`)
+    as one: stacked on the direction axis, the shorter ones padded in time at the end of their
+    scan order. Padded steps come after every real step (in both directions: the backward one
+    scans its reversed input), so they change no real output, and their outputs' zero
+    cotangents give them zero gradients. Returns each layer's hs (T_i, 2, B, H)."""
     steps = max(p.shape[0] for p, _, _ in parts)
     projected = jnp.concatenate([jnp.pad(p, ((0, steps - p.shape[0]), (0, 0), (0, 0), (0, 0)))
                                  for p, _, _ in parts], axis=1)
-    hs = recurrence(projected, jnp.concatenate([w for _, w, _ in parts]),
-                    jnp.concatenate([b for _, _, b in parts]), dtype)
+    w_hh = jnp.concatenate([w for _, w, _ in parts])
+    b_hh = jnp.concatenate([b for _, _, b in parts])
+    if RECURRENCE == "custom_vjp":
+        hs = recurrence(projected, w_hh, b_hh, dtype)
+    else:
+        hs = _scan(projected, w_hh, b_hh, dtype, save=False)
     return [hs[:p.shape[0], 2 * n:2 * n + 2] for n, (p, _, _) in enumerate(parts)]
 
 
@@ -137,12 +138,7 @@ class BiLSTMLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        projected, w_hh, b_hh = self.project(x)
-        if RECURRENCE == "custom_vjp":
-            hs = recurrence(projected, w_hh, b_hh, jnp.dtype(self.dtype))
-        else:
-            hs = _scan(projected, w_hh, b_hh, jnp.dtype(self.dtype), save=False)
-        return _layer_output(hs, self.dtype)
+        return _layer_output(_recurrences([self.project(x)], jnp.dtype(self.dtype))[0], self.dtype)
 
     @nn.compact
     def project(self, x: jax.Array):
@@ -190,7 +186,7 @@ def run_together(lstms: list[BiLSTM], inputs: list[jax.Array]) -> list[jax.Array
     step over four directions costs about what one over two does. Needs the same batch size,
     hidden size, depth and dtype; otherwise (or with `JOINT_SCAN` off) runs them one by one."""
     first = lstms[0]
-    joint = (JOINT_SCAN and RECURRENCE == "custom_vjp" and len({x.shape[0] for x in inputs}) == 1
+    joint = (JOINT_SCAN and len({x.shape[0] for x in inputs}) == 1
              and all((m.hidden, m.num_layers, m.dtype) == (first.hidden, first.num_layers, first.dtype)
                      for m in lstms))
     if not joint:
