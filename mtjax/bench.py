@@ -668,6 +668,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     record = {"mode": spec["mode"], "impl": impl, "kind": kind, "precision": prec, "batch": spec["batch"],
               "smoke": spec["smoke"], "model": {**(spec.get("model") or {}), **(spec.get("set") or {})},
               "prng": spec.get("prng"), "devices": spec.get("devices"),
+              "xla_flags": os.environ.get("XLA_FLAGS"),
               "steps_per_sample": steps_per_sample(spec)}
     try:
         out = run_jax(spec) if impl == "jax" else run_torch(spec)

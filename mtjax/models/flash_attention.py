@@ -5,7 +5,9 @@ BERT's recipe puts dropout on the attention probabilities, which neither cuDNN (
 (B, H, L, L) tensors per layer. These Pallas (Triton) kernels never store them. Forward
 and backward follow FlashAttention-2 (Dao, 2023): the forward streams key blocks with an
 online softmax and keeps only the row log-sum-exp; the backward recomputes the
-probabilities block by block (one kernel for dK/dV, one for dQ).
+probabilities block by block (one kernel for dK/dV, one for dQ). The operands keep their
+length (L = 500 for HICCAP's text): the tiles overhang it and every load and store is
+masked, so no padded copies of q/k/v/dO or sliced copies of the results are made.
 
 Dropout inside a kernel needs a mask that the backward can redraw without storing it, so
 it is a counter-based hash of (example seed, head, row, column) — `keep_mask` — instead
@@ -42,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtjax.models.dropout import UNIFORM_BITS, hash32 as _hash32, keep_threshold
 from mtjax.models.dropout import seed_from_key  # noqa: F401  (re-exported: attention.py's seed)
 
-# Large finite instead of −inf for padded keys: exp() of it is 0, and no inf − inf appears.
+# Large finite instead of −inf for keys past the sequence: exp() of it is 0, and no inf − inf appears.
 _MASKED = -1e30
 
 
@@ -90,22 +92,42 @@ def attention_reference(q, k, v, seed, rate: float):
 
 # --------------------------------------------------------------------------- kernels
 
-def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, seq_len,
+def _load(ref, valid):
+    """A block of `ref`; rows past the sequence (`valid` False) read as 0 and are never
+    touched in memory: the operands are unpadded, so those rows lie outside the array."""
+    return ref[...] if valid is None else plgpu.load(ref, mask=valid, other=0)
+
+
+def _store(ref, value, valid):
+    if valid is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=valid)
+
+
+def _in_sequence(positions, seq_len, padded_len):
+    """Which of `positions` lie inside the sequence; None when the tiles cover it exactly."""
+    return None if seq_len == padded_len else positions < seq_len
+
+
+def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, seq_len, padded_len,
                 block_q, block_k):
     i, h = pl.program_id(0), pl.program_id(2)
-    padded_len = k_ref.shape[0]
-    q = q_ref[...]
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+    row_ok = _in_sequence(rows, seq_len, padded_len)
+    q = _load(q_ref, None if row_ok is None else row_ok[:, None])
     row_keys = _row_keys(seed_ref[0], h, rows)
 
     def body(j, carry):
         acc, m, l = carry
         keys = pl.ds(j * block_k, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]
         cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        col_ok = _in_sequence(cols, seq_len, padded_len)
+        col_ok2 = None if col_ok is None else col_ok[:, None]
+        k, v = _load(k_ref.at[keys, :], col_ok2), _load(v_ref.at[keys, :], col_ok2)
         s = plgpu.dot(q, k, trans_b=True) * scale
-        if seq_len < padded_len:
-            s = jnp.where(cols[None, :] < seq_len, s, _MASKED)
+        if col_ok is not None:
+            s = jnp.where(col_ok[None, :], s, _MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
@@ -118,16 +140,18 @@ def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, s
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
     acc, m, l = lax.fori_loop(0, padded_len // block_k, body, init)
-    o_ref[...] = (acc * (1.0 / ((1.0 - rate) * l))[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    _store(o_ref, (acc * (1.0 / ((1.0 - rate) * l))[:, None]).astype(o_ref.dtype),
+           None if row_ok is None else row_ok[:, None])
+    _store(lse_ref, m + jnp.log(l), row_ok)
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, *, scale, rate, seq_len, padded_len):
-    """Backward block: recomputed probabilities, their dropped version, and dL/dscores."""
+def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, *, scale, rate):
+    """Backward block: recomputed probabilities, their dropped version, and dL/dscores.
+    Rows past the sequence have q = dO = 0 (masked loads), so they add nothing to dK/dV."""
     s = plgpu.dot(q, k, trans_b=True) * scale
     p = jnp.exp(s - lse[:, None])
-    if seq_len < padded_len:
-        p = jnp.where(cols[None, :] < seq_len, p, 0.0)
+    if col_ok is not None:
+        p = jnp.where(col_ok[None, :], p, 0.0)
     dp = plgpu.dot(do, v, trans_b=True)
     if rate > 0:
         keep = _keep(row_keys, cols, rate)
@@ -140,49 +164,55 @@ def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, *, scale, rate, 
 
 
 def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 scale, rate, seq_len, block_q, block_k):
+                 scale, rate, seq_len, padded_len, block_q, block_k):
     j, h = pl.program_id(0), pl.program_id(2)
-    padded_len = q_ref.shape[0]
-    k, v = k_ref[...], v_ref[...]
     cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    col_ok = _in_sequence(cols, seq_len, padded_len)
+    col_ok2 = None if col_ok is None else col_ok[:, None]
+    k, v = _load(k_ref, col_ok2), _load(v_ref, col_ok2)
     seed = seed_ref[0]
 
     def body(i, carry):
         dk, dv = carry
         rows_slice = pl.ds(i * block_q, block_q)
-        q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]
         rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
-        p_dropped, ds = _probs_and_dscores(
-            q, k, v, do, lse_ref[rows_slice], delta_ref[rows_slice], _row_keys(seed, h, rows), cols,
-            scale=scale, rate=rate, seq_len=seq_len, padded_len=padded_len)
+        row_ok = _in_sequence(rows, seq_len, padded_len)
+        row_ok2 = None if row_ok is None else row_ok[:, None]
+        q, do = _load(q_ref.at[rows_slice, :], row_ok2), _load(do_ref.at[rows_slice, :], row_ok2)
+        lse, delta = _load(lse_ref.at[rows_slice], row_ok), _load(delta_ref.at[rows_slice], row_ok)
+        p_dropped, ds = _probs_and_dscores(q, k, v, do, lse, delta, _row_keys(seed, h, rows), cols, col_ok,
+                                           scale=scale, rate=rate)
         dv = dv + plgpu.dot(p_dropped.astype(do.dtype), do, trans_a=True)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, padded_len // block_q, body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _store(dk_ref, (dk * scale).astype(dk_ref.dtype), col_ok2)
+    _store(dv_ref, dv.astype(dv_ref.dtype), col_ok2)
 
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               scale, rate, seq_len, block_q, block_k):
+               scale, rate, seq_len, padded_len, block_q, block_k):
     i, h = pl.program_id(0), pl.program_id(2)
-    padded_len = k_ref.shape[0]
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+    row_ok = _in_sequence(rows, seq_len, padded_len)
+    row_ok2 = None if row_ok is None else row_ok[:, None]
+    q, do = _load(q_ref, row_ok2), _load(do_ref, row_ok2)
+    lse, delta = _load(lse_ref, row_ok), _load(delta_ref, row_ok)
     row_keys = _row_keys(seed_ref[0], h, rows)
 
     def body(j, dq):
         keys = pl.ds(j * block_k, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]
         cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, scale=scale, rate=rate,
-                                   seq_len=seq_len, padded_len=padded_len)
+        col_ok = _in_sequence(cols, seq_len, padded_len)
+        col_ok2 = None if col_ok is None else col_ok[:, None]
+        k, v = _load(k_ref.at[keys, :], col_ok2), _load(v_ref.at[keys, :], col_ok2)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, scale=scale, rate=rate)
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, padded_len // block_k, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    _store(dq_ref, (dq * scale).astype(dq_ref.dtype), row_ok2)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -208,22 +238,22 @@ class Blocks:
         return "x".join(str(getattr(self, f.name)) for f in dataclasses.fields(self))
 
 
-def _pad_to(x: jax.Array, length: int) -> jax.Array:
-    return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-
-
 def _padded_len(seq_len: int, blocks: Blocks) -> int:
     tile = max(blocks.fwd_q, blocks.fwd_k, blocks.bwd_q, blocks.bwd_k)  # powers of two
     return -(-seq_len // tile) * tile
 
 
 class _Plan:
-    """Static settings of one kernel call on padded (B, L, H, d) operands of any batch size
-    (the local one under sharding): block specs, grid, kernel keyword arguments."""
+    """Static settings of one kernel call on (B, L, H, d) operands of any batch size (the
+    local one under sharding): block specs, grid, kernel keyword arguments. The tiles cover
+    L rounded up to the largest tile (500 -> 512); the kernels mask the rows past L in every
+    load and store, so the operands need no padded copies."""
 
-    def __init__(self, padded_shape, seq_len: int, rate: float, blocks: Blocks, interpret: bool):
-        self.batch, self.padded_len, self.heads, self.depth = padded_shape
-        self.common = dict(scale=1.0 / math.sqrt(self.depth), rate=rate, seq_len=seq_len)
+    def __init__(self, shape, rate: float, blocks: Blocks, interpret: bool):
+        self.batch, seq_len, self.heads, self.depth = shape
+        self.padded_len = _padded_len(seq_len, blocks)
+        self.common = dict(scale=1.0 / math.sqrt(self.depth), rate=rate, seq_len=seq_len,
+                           padded_len=self.padded_len)
         params = None if interpret else plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         self.call_args = dict(compiler_params=params, interpret=interpret)
 
@@ -303,27 +333,27 @@ _BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l, b h l"  # seeds, 
 
 
 @functools.lru_cache(maxsize=None)
-def _fwd_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, qp, kp, vp):
-        plan = _Plan(qp.shape, seq_len, rate, blocks, interpret)
+def _fwd_op(rate: float, blocks: Blocks, interpret: bool):
+    def call(batch_seeds, q, k, v):
+        plan = _Plan(q.shape, rate, blocks, interpret)
         bq, bk = blocks.fwd_q, blocks.fwd_k
         return tuple(pl.pallas_call(
             functools.partial(_fwd_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bq),
             in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows()],
             out_specs=[plan.row_block(bq), plan.stats_block(bq)],
-            out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-                       jax.ShapeDtypeStruct((plan.batch, plan.heads, plan.padded_len), jnp.float32)],
+            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                       jax.ShapeDtypeStruct((plan.batch, plan.heads, q.shape[1]), jnp.float32)],
             name="flash_attention_fwd", **plan.call_args,
-        )(batch_seeds, qp, kp, vp))
+        )(batch_seeds, q, k, v))
 
     return _batch_parallel(call, "b, b l h d, b l h d, b l h d -> b l h d, b h l")
 
 
 @functools.lru_cache(maxsize=None)
-def _dkdv_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, qp, kp, vp, dop, lse, delta):
-        plan = _Plan(qp.shape, seq_len, rate, blocks, interpret)
+def _dkdv_op(rate: float, blocks: Blocks, interpret: bool):
+    def call(batch_seeds, q, k, v, do, lse, delta):
+        plan = _Plan(q.shape, rate, blocks, interpret)
         bq, bk = blocks.bwd_q, blocks.bwd_k
         return tuple(pl.pallas_call(
             functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
@@ -331,17 +361,17 @@ def _dkdv_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
             in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
                       plan.whole_rows(), plan.whole_stats(), plan.whole_stats()],
             out_specs=[plan.row_block(bk), plan.row_block(bk)],
-            out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
+            out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
             name="flash_attention_dkdv", **plan.call_args,
-        )(batch_seeds, qp, kp, vp, dop, lse, delta))
+        )(batch_seeds, q, k, v, do, lse, delta))
 
     return _batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d, b l h d")
 
 
 @functools.lru_cache(maxsize=None)
-def _dq_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, qp, kp, vp, dop, lse, delta):
-        plan = _Plan(qp.shape, seq_len, rate, blocks, interpret)
+def _dq_op(rate: float, blocks: Blocks, interpret: bool):
+    def call(batch_seeds, q, k, v, do, lse, delta):
+        plan = _Plan(q.shape, rate, blocks, interpret)
         bq, bk = blocks.bwd_q, blocks.bwd_k
         return (pl.pallas_call(
             functools.partial(_dq_kernel, block_q=bq, block_k=bk, **plan.common),
@@ -349,9 +379,9 @@ def _dq_op(seq_len: int, rate: float, blocks: Blocks, interpret: bool):
             in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows(),
                       plan.row_block(bq), plan.stats_block(bq), plan.stats_block(bq)],
             out_specs=plan.row_block(bq),
-            out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             name="flash_attention_dq", **plan.call_args,
-        )(batch_seeds, qp, kp, vp, dop, lse, delta),)
+        )(batch_seeds, q, k, v, do, lse, delta),)
 
     return _batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d")
 
@@ -367,21 +397,17 @@ def flash_attention(q, k, v, seed, rate: float = 0.0, blocks: Blocks = Blocks(),
 
 
 def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
-    seq_len = q.shape[1]
-    qp, kp, vp = (_pad_to(x, _padded_len(seq_len, blocks)) for x in (q, k, v))
-    out, lse = _fwd_op(seq_len, rate, blocks, interpret)(_batch_seeds(seed, q.shape[0]), qp, kp, vp)
-    return out[:, :seq_len], (qp, kp, vp, seed, out, lse)
+    out, lse = _fwd_op(rate, blocks, interpret)(_batch_seeds(seed, q.shape[0]), q, k, v)
+    return out, (q, k, v, seed, out, lse)
 
 
 def _flash_bwd(rate, blocks, interpret, residuals, d_out):
-    qp, kp, vp, seed, out, lse = residuals
-    seq_len = d_out.shape[1]
-    dop = _pad_to(d_out, qp.shape[1])
-    delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), dop.astype(jnp.float32))
-    operands = (_batch_seeds(seed, qp.shape[0]), qp, kp, vp, dop, lse, delta)
-    dk, dv = _dkdv_op(seq_len, rate, blocks, interpret)(*operands)
-    (dq,) = _dq_op(seq_len, rate, blocks, interpret)(*operands)
-    return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len], np.zeros(seed.shape, jax.dtypes.float0)
+    q, k, v, seed, out, lse = residuals
+    delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    operands = (_batch_seeds(seed, q.shape[0]), q, k, v, d_out, lse, delta)
+    dk, dv = _dkdv_op(rate, blocks, interpret)(*operands)
+    (dq,) = _dq_op(rate, blocks, interpret)(*operands)
+    return dq, dk, dv, np.zeros(seed.shape, jax.dtypes.float0)
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
