@@ -18,9 +18,10 @@ VARIANTS = ("multitask", "binary")
 POOLING_MODES = ("faithful", "stable")
 ATTENTION_IMPLS = ("xla", "cudnn", "flash")
 DROPOUT_IMPLS = ("threefry", "hash")
+ADD_NORM_IMPLS = ("xla", "fused")
 # BertConfig fields that choose how BERT runs, not its weights (kept out of HF configs;
 # may change when loading a checkpoint).
-BERT_RUNTIME_FIELDS = ("attention_impl", "remat_attention_probs", "hidden_dropout_impl")
+BERT_RUNTIME_FIELDS = ("attention_impl", "remat_attention_probs", "hidden_dropout_impl", "add_norm_impl")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,11 @@ class BertConfig:
     # 'threefry' = nn.Dropout's draw; 'hash' = an int32 counter hash of (seed, position),
     # cheaper on GPUs. Same distribution, different bits.
     hidden_dropout_impl: str = "threefry"
+    # Not an HF field: 'fused' runs each add-norm (dropout → + residual → LayerNorm) as one
+    # Pallas kernel pass forward and one backward on GPUs (`mtjax.models.fused_add_norm`),
+    # drawing the same 'hash' mask; elsewhere the 'xla' path runs. Needs the 'hash' mask
+    # whenever hidden dropout is on (threefry cannot be drawn inside a kernel).
+    add_norm_impl: str = "xla"
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -76,6 +82,11 @@ class BertConfig:
         if self.hidden_dropout_impl not in DROPOUT_IMPLS:
             raise ConfigError(f"bert.hidden_dropout_impl must be one of {DROPOUT_IMPLS}, "
                               f"got {self.hidden_dropout_impl!r}")
+        if self.add_norm_impl not in ADD_NORM_IMPLS:
+            raise ConfigError(f"bert.add_norm_impl must be one of {ADD_NORM_IMPLS}, got {self.add_norm_impl!r}")
+        if self.add_norm_impl == "fused" and self.hidden_dropout_prob > 0 and self.hidden_dropout_impl != "hash":
+            raise ConfigError("bert.add_norm_impl='fused' draws the hidden-state dropout mask inside its kernel: "
+                              "it needs bert.hidden_dropout_impl='hash'")
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any]) -> "BertConfig":

@@ -28,10 +28,10 @@ SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_use_shardy_partitioner", sys.argv[1] == "shardy")
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mtjax.models import flash_attention as flash
+    from mtjax.models import batch_parallel, flash_attention as flash
 
     assert jax.device_count() == 4, jax.devices()
-    # L = 40 with 16-blocks: padded to 48 inside; 2 examples per device.
+    # L = 40 with 16-row tiles: the last tile overhangs L (masked); 2 examples per device.
     B, L, H, D, T, RATE = 8, 40, 2, 16, 3, 0.1
     blocks = flash.Blocks(16, 16, 16, 16)
     keys = jax.random.split(jax.random.key(0), 5)
@@ -91,7 +91,7 @@ SCRIPT = textwrap.dedent(r"""
                 pass
             def __call__(self, *args):
                 return self.fun(*args)
-        flash.custom_partitioning = Unpartitioned
+        batch_parallel.custom_partitioning = Unpartitioned
         for op in (flash._fwd_op, flash._dkdv_op, flash._dq_op):
             op.cache_clear()
         args = (*map(sharded, (q, k, v, cotangent)), seed)

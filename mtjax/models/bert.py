@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mtjax.config import BertConfig
+from mtjax.models import fused_add_norm
 from mtjax.models.attention import Dense, dot_product_attention, split_heads
 from mtjax.models.dropout import Dropout
 
@@ -84,9 +85,26 @@ class BertAddNorm(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         c = self.config
         x = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
-        x = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)(x, deterministic=deterministic)
+        dropout = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)
+        if c.add_norm_impl == "fused" and fused_add_norm.use_fused_kernels(x):
+            rate = 0.0 if deterministic else c.hidden_dropout_prob
+            seed = dropout.hash_seed() if rate > 0 else jnp.int32(0)
+            scale, bias = LayerNormParams(name="LayerNorm")(c.hidden_size)
+            return fused_add_norm.add_dropout_layer_norm(x, residual.astype(x.dtype), scale, bias, seed, rate,
+                                                         c.layer_norm_eps, fused_add_norm.INTERPRET)
+        x = dropout(x, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x + residual)
         return x.astype(self.dtype)
+
+
+class LayerNormParams(nn.Module):
+    """nn.LayerNorm's parameters alone (same names, shapes and initialisers), for a kernel
+    that computes the normalisation itself."""
+
+    @nn.compact
+    def __call__(self, width: int) -> tuple[jax.Array, jax.Array]:
+        return (self.param("scale", nn.initializers.ones, (width,), jnp.float32),
+                self.param("bias", nn.initializers.zeros, (width,), jnp.float32))
 
 
 class BertAttentionBlock(nn.Module):

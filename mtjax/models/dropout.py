@@ -48,22 +48,31 @@ def seed_from_key(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jax.random.bits(key, (), jnp.uint32), jnp.int32)
 
 
+def hash_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two int32 keys `hash_keep` mixes in, derived from one seed."""
+    k1 = hash32(seed)
+    return k1, hash32(k1 ^ _KEY2_SALT)
+
+
+def hash_keep(index: jax.Array, k1: jax.Array, k2: jax.Array, rate: float) -> jax.Array:
+    """Element `index` (int32, row-major position) kept iff hash(hash(index + k₁) ^ k₂) ≥ threshold."""
+    bits = lax.shift_right_logical(hash32(hash32(index + k1) ^ k2), jnp.int32(32 - UNIFORM_BITS))
+    return bits >= keep_threshold(rate)
+
+
 def hash_keep_mask(seed: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
-    """Boolean keep-mask of `shape`: element i kept iff hash(hash(i + k₁) ^ k₂) ≥ threshold.
+    """Boolean keep-mask of `shape`: `hash_keep` of every element's row-major position.
 
     Two keys derived from the seed, one on each side of the inner hash, so masks of different
     seeds are unrelated (with `hash(i + k)` alone, two seeds whose keys differ by less than
-    the size would give shifted copies of one mask). The index is the row-major position,
-    built from iotas so that XLA can partition it over a sharded batch."""
-    k1 = hash32(seed)
-    k2 = hash32(k1 ^ _KEY2_SALT)
+    the size would give shifted copies of one mask). The index is built from iotas so that
+    XLA can partition it over a sharded batch."""
     index = jnp.zeros(shape, jnp.int32)
     stride = 1
     for axis in reversed(range(len(shape))):
         index = index + lax.broadcasted_iota(jnp.int32, shape, axis) * jnp.int32(stride)
         stride *= shape[axis]
-    bits = lax.shift_right_logical(hash32(hash32(index + k1) ^ k2), jnp.int32(32 - UNIFORM_BITS))
-    return bits >= keep_threshold(rate)
+    return hash_keep(index, *hash_keys(seed), rate)
 
 
 class Dropout(nn.Dropout):
@@ -84,7 +93,10 @@ class Dropout(nn.Dropout):
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
-        if rng is None:
-            rng = self.make_rng(self.rng_collection)
-        keep = hash_keep_mask(seed_from_key(rng), inputs.shape, self.rate)
+        keep = hash_keep_mask(self.hash_seed(rng), inputs.shape, self.rate)
         return lax.select(keep, inputs / jnp.asarray(1.0 - self.rate, inputs.dtype), jnp.zeros_like(inputs))
+
+    def hash_seed(self, rng: jax.Array | None = None) -> jax.Array:
+        """The int32 seed of this call's 'hash' mask, drawn from the module's rng stream: a
+        fused kernel that draws the mask itself gets the same mask as the module would."""
+        return seed_from_key(self.make_rng(self.rng_collection) if rng is None else rng)

@@ -33,11 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtjax.models.batch_parallel import batch_parallel
 
 # The counter hash and seed shared with the hidden-state dropout (`seed_from_key` is drawn
 # once per layer and step from the layer's dropout key).
@@ -278,57 +277,6 @@ class _Plan:
 _SEED_SPEC = pl.BlockSpec((1,), lambda n, b, h: (b,))
 
 
-def _batch_only(mesh, like, shapes):
-    """Shardings for `shapes` (a pytree): the batch (leading) dimension split as in `like`,
-    every other dimension replicated — the kernels need whole rows, heads and depth."""
-    spec = getattr(like, "spec", ())  # NamedSharding on jit's mesh; no sharding: replicated
-    batch_axes = spec[0] if len(spec) else None
-    return jax.tree.map(lambda s: NamedSharding(mesh, P(batch_axes, *(None,) * (len(s.shape) - 1))), shapes)
-
-
-def _batch_parallel(call, rule: str):
-    """`call` (batch-first operands -> tuple of batch-first results, each example on its own)
-    as one operation that batch sharding and vmap both keep batch-parallel:
-
-    - XLA's SPMD partitioner has no rule for a Pallas custom call, so left alone it gathers
-      the operands and runs the whole batch on every device. Under `custom_partitioning`
-      each device runs `call` on its batch shard (`rule` is Shardy's, `infer` GSPMD's);
-    - `custom_partitioning` has no batching rule, so vmap (the per-task backward of
-      train_step) folds its axis into the batch: (T, B, ...) -> (B·T, ...), batch-major so
-      that a sharded batch stays sharded. Operands carry their example's seed, so folding
-      changes nothing. On one device `call` is lowered as is."""
-
-    def infer(mesh, arg_shapes, result_shape):
-        return _batch_only(mesh, arg_shapes[1].sharding, result_shape)
-
-    def partition(mesh, arg_shapes, result_shape):
-        q_sharding = arg_shapes[1].sharding
-        return (mesh, call, _batch_only(mesh, q_sharding, result_shape),
-                _batch_only(mesh, q_sharding, arg_shapes))
-
-    partitioned = custom_partitioning(call)
-    partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                              need_replication_factors=("l", "h", "d"))
-
-    @custom_vmap
-    def op(*operands):
-        return partitioned(*operands)
-
-    @op.def_vmap
-    def _(axis_size, in_batched, *operands):
-        def fold(x, batched):
-            x = x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-            return jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
-
-        def unfold(y):
-            return jnp.moveaxis(y.reshape(-1, axis_size, *y.shape[1:]), 1, 0)
-
-        outs = op(*map(fold, operands, in_batched))
-        return tuple(map(unfold, outs)), (True,) * len(outs)
-
-    return op
-
-
 _BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l, b h l"  # seeds, q, k, v, dO, lse, delta
 
 
@@ -347,7 +295,7 @@ def _fwd_op(rate: float, blocks: Blocks, interpret: bool):
             name="flash_attention_fwd", **plan.call_args,
         )(batch_seeds, q, k, v))
 
-    return _batch_parallel(call, "b, b l h d, b l h d, b l h d -> b l h d, b h l")
+    return batch_parallel(call, "b, b l h d, b l h d, b l h d -> b l h d, b h l", ("l", "h", "d"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -365,7 +313,7 @@ def _dkdv_op(rate: float, blocks: Blocks, interpret: bool):
             name="flash_attention_dkdv", **plan.call_args,
         )(batch_seeds, q, k, v, do, lse, delta))
 
-    return _batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d, b l h d")
+    return batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d, b l h d", ("l", "h", "d"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -383,7 +331,7 @@ def _dq_op(rate: float, blocks: Blocks, interpret: bool):
             name="flash_attention_dq", **plan.call_args,
         )(batch_seeds, q, k, v, do, lse, delta),)
 
-    return _batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d")
+    return batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d", ("l", "h", "d"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

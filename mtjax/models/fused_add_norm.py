@@ -1,0 +1,230 @@
+"""BERT's add-norm — dropout, residual add, LayerNorm — as one kernel pass forward and one backward.
+
+Written out, XLA runs the add-norm as several passes over the (B, L, 768) activations
+forward (dropout + add, the LayerNorm statistics, the normalisation, transposed copies) and
+more backward; 24 add-norms a step make it one of the largest elementwise costs of the bf16
+train step. These Pallas (Triton) kernels read each row once: the forward reads the dense
+output and the residual and writes the output, the pre-norm sum and the row statistics; the
+backward reads the output cotangent and the pre-norm sum and writes both input cotangents
+and per-block partial sums of the LayerNorm parameter gradients.
+
+The dropout mask is `dropout.hash_keep` of each element's row-major index with the seed of
+the `Dropout(impl='hash')` module it replaces, so the kernels draw the very mask that module
+would, and the arithmetic follows the written-out path's roundings (the kept value divided by
+the keep probability in the activation dtype, the sum rounded to that dtype, float32
+statistics). `add_norm_reference` is that written-out function.
+
+Rows are split into blocks of `ROWS`; the 768 features are covered by one 1024-wide tile
+with the columns past 768 masked, as the rows past L are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mtjax.models.batch_parallel import batch_parallel
+from mtjax.models.dropout import hash_keep, hash_keep_mask, hash_keys
+
+ROWS = 8        # rows per program
+NUM_WARPS = 4
+# Run the kernels in Pallas' interpreter (tests that drive the model path on the CPU).
+INTERPRET = False
+
+
+def use_fused_kernels(x: jax.Array) -> bool:
+    """Whether the kernels run: on GPUs (Triton); elsewhere the model writes the add-norm out."""
+    return jax.default_backend() == "gpu"
+
+
+def _keep_prob(rate: float, dtype) -> float:
+    """1 − rate as the written-out path divides by it: rounded to the activation dtype."""
+    return float(np.asarray(1.0 - rate, dtype))
+
+
+def add_norm_reference(y, residual, scale, bias, seed, rate: float, eps: float):
+    """LayerNorm(dropout(y) + residual) written out, as BertAddNorm computes it with
+    `hidden_dropout_impl='hash'` (statistics in float32, output in y's dtype)."""
+    if rate > 0:
+        keep = hash_keep_mask(seed, y.shape, rate)
+        y = lax.select(keep, y / jnp.asarray(1.0 - rate, y.dtype), jnp.zeros_like(y))
+    s = (y + residual).astype(jnp.float32)
+    mean = jnp.mean(s, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(s - mean), axis=-1, keepdims=True)
+    return ((s - mean) * lax.rsqrt(var + eps) * scale + bias).astype(y.dtype)
+
+
+# --------------------------------------------------------------------------- kernels
+
+def _tile(seq_len, width, block_cols):
+    i = pl.program_id(0)
+    rows = i * ROWS + jnp.arange(ROWS, dtype=jnp.int32)
+    cols = jnp.arange(block_cols, dtype=jnp.int32)
+    row_ok = rows < seq_len
+    return rows, cols, row_ok, row_ok[:, None] & (cols < width)[None, :]
+
+
+def _keep(base_ref, seed_ref, rows, cols, width, rate):
+    k1, k2 = hash_keys(seed_ref[0])
+    return hash_keep(base_ref[0] + rows[:, None] * width + cols[None, :], k1, k2, rate)
+
+
+def _fwd_kernel(base_ref, seed_ref, y_ref, r_ref, scale_ref, bias_ref, out_ref, s_ref, mean_ref, rstd_ref, *,
+                rate, keep_prob, eps, seq_len, width, block_cols):
+    rows, cols, row_ok, ok = _tile(seq_len, width, block_cols)
+    col_ok = cols < width
+    dtype = y_ref.dtype
+    y = plgpu.load(y_ref, mask=ok, other=0)
+    r = plgpu.load(r_ref, mask=ok, other=0)
+    if rate > 0:
+        dropped = (y.astype(jnp.float32) / keep_prob).astype(dtype)
+        y = jnp.where(_keep(base_ref, seed_ref, rows, cols, width, rate), dropped, jnp.zeros_like(dropped))
+    s = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(dtype)
+    s32 = s.astype(jnp.float32)
+    mean = jnp.sum(s32, axis=1) / width
+    centred = jnp.where(ok, s32 - mean[:, None], 0.0)
+    rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1) / width + eps)
+    scale = plgpu.load(scale_ref, mask=col_ok, other=0)
+    bias = plgpu.load(bias_ref, mask=col_ok, other=0)
+    out = centred * rstd[:, None] * scale[None, :] + bias[None, :]
+    plgpu.store(out_ref, out.astype(out_ref.dtype), mask=ok)
+    plgpu.store(s_ref, s, mask=ok)
+    plgpu.store(mean_ref, mean, mask=row_ok)
+    plgpu.store(rstd_ref, rstd, mask=row_ok)
+
+
+def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_ref,
+                dy_ref, dr_ref, dscale_ref, dbias_ref, *, rate, keep_prob, seq_len, width, block_cols):
+    rows, cols, row_ok, ok = _tile(seq_len, width, block_cols)
+    col_ok = cols < width
+    dtype = dy_ref.dtype
+    dout = plgpu.load(dout_ref, mask=ok, other=0).astype(jnp.float32)
+    s = plgpu.load(s_ref, mask=ok, other=0).astype(jnp.float32)
+    mean = plgpu.load(mean_ref, mask=row_ok, other=0)
+    rstd = plgpu.load(rstd_ref, mask=row_ok, other=0)
+    scale = plgpu.load(scale_ref, mask=col_ok, other=0)
+    xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
+    g = dout * scale[None, :]
+    mean_g = jnp.sum(g, axis=1) / width
+    mean_gx = jnp.sum(g * xhat, axis=1) / width
+    ds = (rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])).astype(dtype)
+    plgpu.store(dr_ref, ds, mask=ok)
+    if rate > 0:
+        dropped = (ds.astype(jnp.float32) / keep_prob).astype(dtype)
+        dy = jnp.where(_keep(base_ref, seed_ref, rows, cols, width, rate), dropped, jnp.zeros_like(dropped))
+    else:
+        dy = ds
+    plgpu.store(dy_ref, dy, mask=ok)
+    plgpu.store(dscale_ref, jnp.sum(dout * xhat, axis=0), mask=col_ok)
+    plgpu.store(dbias_ref, jnp.sum(dout, axis=0), mask=col_ok)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+class _Plan:
+    """Block specs and grid for (B, L, D) operands of any (local) batch size: one program per
+    ROWS rows of one example; the feature axis as one tile of the next power of two."""
+
+    def __init__(self, shape, interpret: bool):
+        self.batch, self.seq_len, self.width = shape
+        self.block_cols = 1 << (self.width - 1).bit_length()
+        self.blocks = -(-self.seq_len // ROWS)
+        self.grid = (self.blocks, self.batch)
+        params = None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+        self.call_args = dict(compiler_params=params, interpret=interpret)
+        self.common = dict(seq_len=self.seq_len, width=self.width, block_cols=self.block_cols)
+
+    def rows(self):
+        return pl.BlockSpec((None, ROWS, self.block_cols), lambda i, b: (b, i, 0))
+
+    def stats(self):
+        return pl.BlockSpec((None, ROWS), lambda i, b: (b, i))
+
+    def features(self):
+        return pl.BlockSpec((None, self.block_cols), lambda i, b: (b, 0))
+
+    def partial_sums(self):
+        return pl.BlockSpec((None, None, self.block_cols), lambda i, b: (b, i, 0))
+
+
+_EXAMPLE = pl.BlockSpec((1,), lambda i, b: (b,))  # the example's index base and seed
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_op(rate: float, eps: float, interpret: bool):
+    def call(base, seeds, y, r, scale, bias):
+        plan = _Plan(y.shape, interpret)
+        b, l, _ = y.shape
+        return tuple(pl.pallas_call(
+            functools.partial(_fwd_kernel, rate=rate, keep_prob=_keep_prob(rate, y.dtype), eps=eps, **plan.common),
+            grid=plan.grid,
+            in_specs=[_EXAMPLE, _EXAMPLE, plan.rows(), plan.rows(), plan.features(), plan.features()],
+            out_specs=[plan.rows(), plan.rows(), plan.stats(), plan.stats()],
+            out_shape=[jax.ShapeDtypeStruct(y.shape, y.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype),
+                       jax.ShapeDtypeStruct((b, l), jnp.float32), jax.ShapeDtypeStruct((b, l), jnp.float32)],
+            name="add_norm_fwd", **plan.call_args,
+        )(base, seeds, y, r, scale, bias))
+
+    return batch_parallel(call, "b, b, b l d, b l d, b d, b d -> b l d, b l d, b l, b l", ("l", "d"))
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_op(rate: float, interpret: bool):
+    def call(base, seeds, dout, s, mean, rstd, scale):
+        plan = _Plan(s.shape, interpret)
+        b, _, d = s.shape
+        partial_sums = jax.ShapeDtypeStruct((b, plan.blocks, d), jnp.float32)
+        return tuple(pl.pallas_call(
+            functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common),
+            grid=plan.grid,
+            in_specs=[_EXAMPLE, _EXAMPLE, plan.rows(), plan.rows(), plan.stats(), plan.stats(), plan.features()],
+            out_specs=[plan.rows(), plan.rows(), plan.partial_sums(), plan.partial_sums()],
+            out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct(s.shape, s.dtype),
+                       partial_sums, partial_sums],
+            name="add_norm_bwd", **plan.call_args,
+        )(base, seeds, dout, s, mean, rstd, scale))
+
+    return batch_parallel(call, "b, b, b l d, b l d, b l, b l, b d -> b l d, b l d, b k d, b k d", ("l", "d", "k"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def add_dropout_layer_norm(y, residual, scale, bias, seed, rate: float, eps: float, interpret: bool = False):
+    """LayerNorm(dropout(y) + residual) · scale + bias, fused; `add_norm_reference` written out.
+
+    y, residual: (B, L, D) of one dtype; scale, bias: (D,) float32; seed: int32 scalar (the
+    'hash' dropout seed, `Dropout.hash_seed`); rate 0 for no dropout. Returns y's dtype.
+    `interpret=True` runs the kernels in Pallas' interpreter (CPU tests)."""
+    return _fwd(y, residual, scale, bias, seed, rate, eps, interpret)[0]
+
+
+def _per_example(seed, batch, seq_len, width):
+    """Each example's first row-major index (int32, wrapping like the written-out mask's
+    iota arithmetic) and the seed, as (B,) operands: a batch shard carries its own."""
+    base = jnp.arange(batch, dtype=jnp.int32) * jnp.int32(seq_len * width)
+    return base, jnp.broadcast_to(jnp.asarray(seed, jnp.int32), (batch,))
+
+
+def _fwd(y, residual, scale, bias, seed, rate, eps, interpret):
+    b, l, d = y.shape
+    base, seeds = _per_example(seed, b, l, d)
+    scale_b, bias_b = (jnp.broadcast_to(p.astype(jnp.float32), (b, d)) for p in (scale, bias))
+    out, s, mean, rstd = _fwd_op(rate, eps, interpret)(base, seeds, y, residual.astype(y.dtype), scale_b, bias_b)
+    # The zero-size arrays only carry the residual's and the parameters' dtypes to the backward.
+    dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (residual, scale, bias))
+    return out, (base, seeds, s, mean, rstd, scale_b, jnp.asarray(seed), dtypes)
+
+
+def _bwd(rate, eps, interpret, residuals, d_out):
+    base, seeds, s, mean, rstd, scale_b, seed, (r_like, scale_like, bias_like) = residuals
+    dy, dr, dscale, dbias = _bwd_op(rate, interpret)(base, seeds, d_out.astype(s.dtype), s, mean, rstd, scale_b)
+    return (dy, dr.astype(r_like.dtype), dscale.sum((0, 1)).astype(scale_like.dtype),
+            dbias.sum((0, 1)).astype(bias_like.dtype), np.zeros(seed.shape, jax.dtypes.float0))
+
+
+add_dropout_layer_norm.defvjp(_fwd, _bwd)

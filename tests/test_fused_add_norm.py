@@ -1,0 +1,199 @@
+"""The fused add-norm kernels (`bert.add_norm_impl='fused'`): dropout → residual add → LayerNorm.
+
+CI has no GPU: the kernels run in Pallas' interpreter (which fills block overhangs with NaN,
+so a missing mask shows) against the written-out function with the same hash mask, and their
+Triton lowering is produced for CUDA on the CPU. The GPU run of the comparison is
+`python -m mtjax.bench_add_norm`.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from mtjax.config import ConfigError, tiny_model_config
+from mtjax.models import fused_add_norm as fused
+from mtjax.models.dropout import Dropout
+from mtjax.models.hiccap import HICCAP, MODEL_INPUTS, init_variables
+from tests._support import random_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _operands(shape, dtype=jnp.float32, seed=0):
+    ky, kr, ks, kb = jax.random.split(jax.random.key(seed), 4)
+    d = shape[-1]
+    return (jax.random.normal(ky, shape, dtype), jax.random.normal(kr, shape, dtype),
+            1.0 + 0.1 * jax.random.normal(ks, (d,)), 0.1 * jax.random.normal(kb, (d,)))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(2, 13, 24), (3, 8, 40)])  # rows and features off the tiles
+def test_kernels_match_the_written_out_function(rate, shape):
+    y, r, scale, bias = _operands(shape)
+    seed = jnp.int32(1234)
+    kernel = lambda *a: fused.add_dropout_layer_norm(*a, seed, rate, 1e-12, True)
+    reference = lambda *a: fused.add_norm_reference(*a, seed, rate, 1e-12)
+    out_k, vjp_k = jax.vjp(kernel, y, r, scale, bias)
+    out_r, vjp_r = jax.vjp(reference, y, r, scale, bias)
+    np.testing.assert_allclose(out_k, out_r, atol=2e-6)
+    cotangent = jax.random.normal(jax.random.key(5), shape)
+    for name, gk, gr in zip(("dy", "dresidual", "dscale", "dbias"), vjp_k(cotangent), vjp_r(cotangent)):
+        np.testing.assert_allclose(gk, gr, atol=2e-5, err_msg=name)
+    if rate:
+        # The mask is drawn: some dense outputs have no gradient, about `rate` of them.
+        dropped = float(jnp.mean(vjp_k(cotangent)[0] == 0))
+        assert 0.0 < dropped < 0.3
+
+
+def test_bf16_follows_the_written_out_roundings():
+    y, r, scale, bias = _operands((2, 21, 48), jnp.bfloat16, seed=3)
+    seed = jnp.int32(-77)
+    out_k = fused.add_dropout_layer_norm(y, r, scale, bias, seed, 0.1, 1e-12, True)
+    out_r = fused.add_norm_reference(y, r, scale, bias, seed, 0.1, 1e-12)
+    assert out_k.dtype == jnp.bfloat16
+    # Same bf16 sum, float32 statistics in another summation order: at most one bf16 step.
+    np.testing.assert_allclose(out_k.astype(jnp.float32), out_r.astype(jnp.float32), rtol=8e-3, atol=8e-3)
+    assert float(jnp.mean(out_k == out_r)) > 0.95
+
+
+def test_the_mask_is_the_hash_dropout_modules():
+    """With the module's seed, the kernel drops exactly what `Dropout(impl='hash')` drops."""
+    y = jnp.ones((2, 9, 16))
+    module = Dropout(0.3, impl="hash")
+    rngs = {"dropout": jax.random.key(11)}
+    dropped_by_module = module.apply({}, y, deterministic=False, rngs=rngs) == 0
+    seed = module.apply({}, method=Dropout.hash_seed, rngs=rngs)
+    zeros = jnp.zeros_like(y)
+    # With a zero residual the cotangent of y is zero exactly where the mask drops.
+    _, vjp = jax.vjp(lambda y: fused.add_dropout_layer_norm(y, zeros, jnp.ones(16), jnp.zeros(16), seed, 0.3,
+                                                              1e-12, True), y + jax.random.normal(jax.random.key(2), y.shape))
+    dy = vjp(jax.random.normal(jax.random.key(3), y.shape))[0]
+    np.testing.assert_array_equal(dy == 0, dropped_by_module)
+
+
+def test_triton_lowering_for_cuda():
+    y = jax.ShapeDtypeStruct((2, 500, 768), jnp.bfloat16)
+    p = jax.ShapeDtypeStruct((768,), jnp.float32)
+
+    def loss(y, r, scale, bias, seed):
+        return fused.add_dropout_layer_norm(y, r, scale, bias, seed, 0.1, 1e-12).astype(jnp.float32).sum()
+
+    exported = export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=("cuda",),
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(y, y, p, p, jax.ShapeDtypeStruct((), jnp.int32))
+    text = exported.mlir_module()
+    for name in ("add_norm_fwd", "add_norm_bwd"):
+        assert f'name = "{name}"' in text
+
+
+def _configs():
+    base = tiny_model_config(text_len=24)
+    hashed = base.replace(bert=dataclasses.replace(base.bert, hidden_dropout_impl="hash"))
+    return hashed, hashed.replace(bert=dataclasses.replace(hashed.bert, add_norm_impl="fused"))
+
+
+def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch):
+    """The model path: same parameters, same masks, same outputs and gradients (the kernels
+    interpreted on the CPU)."""
+    monkeypatch.setattr(fused, "use_fused_kernels", lambda x: True)
+    monkeypatch.setattr(fused, "INTERPRET", True)
+    written, with_kernels = _configs()
+    variables = init_variables(written, jax.random.key(0))
+    assert jax.tree.structure(init_variables(with_kernels, jax.random.key(0))) == jax.tree.structure(variables)
+    batch = random_batch(written, 2, seed=4)
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+
+    def loss(config, params):
+        probs, _ = HICCAP(config).apply({**variables, "params": params}, inputs, train=True,
+                                        rngs={"dropout": jax.random.key(9)}, mutable=["batch_stats"])
+        return sum(jnp.sum(p) for p in probs.values())
+
+    value_w, grads_w = jax.value_and_grad(lambda p: loss(written, p))(variables["params"])
+    value_k, grads_k = jax.value_and_grad(lambda p: loss(with_kernels, p))(variables["params"])
+    np.testing.assert_allclose(value_k, value_w, rtol=1e-5)
+    for gk, gw in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_w)):
+        np.testing.assert_allclose(gk, gw, rtol=2e-3, atol=2e-5)
+
+
+def test_fused_add_norm_needs_the_hash_mask():
+    base = tiny_model_config(text_len=24)
+    with pytest.raises(ConfigError, match="hidden_dropout_impl='hash'"):
+        base.replace(bert=dataclasses.replace(base.bert, add_norm_impl="fused"))
+    with pytest.raises(ConfigError, match="add_norm_impl"):
+        base.replace(bert=dataclasses.replace(base.bert, add_norm_impl="triton"))
+
+
+SHARDING_SCRIPT = textwrap.dedent(r"""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from mtjax.models import fused_add_norm as fused
+
+    B, L, D, T, RATE = 8, 13, 24, 3, 0.1   # 2 examples per device
+    keys = jax.random.split(jax.random.key(0), 4)
+    y, r = (jax.random.normal(k, (B, L, D)) for k in keys[:2])
+    scale, bias = 1.0 + 0.1 * jnp.arange(D) / D, jnp.full((D,), 0.1)
+    cotangent = jax.random.normal(keys[2], (B, L, D))
+    task_cotangents = jax.random.normal(keys[3], (T, B, L, D))
+    seed = jnp.int32(99)
+
+    def step(y, r, cotangent):
+        out, vjp = jax.vjp(lambda y, r, s, b: fused.add_dropout_layer_norm(y, r, s, b, seed, RATE, 1e-12, True),
+                           y, r, scale, bias)
+        return out, vjp(cotangent)
+
+    def per_task(y, r, cotangents):  # train_step's batched backward
+        _, vjp = jax.vjp(lambda y, r, s, b: fused.add_dropout_layer_norm(y, r, s, b, seed, RATE, 1e-12, True),
+                         y, r, scale, bias)
+        return jax.vmap(vjp)(cotangents)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch, tasks_batch = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(x) - np.asarray(z)))) for x, z in
+                   zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    def run(fn, args, shardings):
+        single = jax.jit(fn)(*args)
+        jitted = jax.jit(fn)
+        sharded_args = [jax.device_put(a, s) for a, s in zip(args, shardings)]
+        got = jitted(*sharded_args)
+        hlo = jitted.lower(*sharded_args).compile().as_text()
+        return {"diff": max_diff(single, got), "all_gathers": hlo.count("all-gather"),
+                "activations_split": not got[0].sharding.is_fully_replicated if fn is step else True}
+
+    print("RESULT " + json.dumps({
+        "step": run(step, (y, r, cotangent), (batch, batch, batch)),
+        "per_task": run(per_task, (y, r, task_cotangents), (batch, batch, tasks_batch)),
+    }))
+""")
+
+
+@pytest.mark.slow
+def test_sharded_kernels_equal_one_device_without_gathering():
+    """4 simulated CPU devices, batch-sharded: each device runs the kernels on its examples
+    with the masks one device draws for them (the index base is global), nothing gathered."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    for case in ("step", "per_task"):
+        # float32 rounding only: the parameter-gradient partial sums add up in another order.
+        assert result[case]["diff"] <= 1e-5, result
+        assert result[case]["all_gathers"] == 0, result
+    assert result["step"]["activations_split"]
