@@ -193,6 +193,15 @@ class ModelConfig:
         """The same model with BERT's attention kernel set to `impl` (None: unchanged)."""
         return self if impl is None else self.replace(bert=dataclasses.replace(self.bert, attention_impl=impl))
 
+    def with_add_norm_impl(self, impl: str | None) -> "ModelConfig":
+        """The same model with BERT's add-norm kernel set to `impl` (None: unchanged), for eval
+        and predict: 'fused' also selects the 'hash' dropout mask, which the kernel needs in
+        training and which changes nothing in eval mode (no mask is drawn)."""
+        if impl is None:
+            return self
+        extra = {"hidden_dropout_impl": "hash"} if impl == "fused" else {}
+        return self.replace(bert=dataclasses.replace(self.bert, add_norm_impl=impl, **extra))
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)

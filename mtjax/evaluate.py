@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mtjax.checkpoint import CheckpointError
-from mtjax.config import ATTENTION_IMPLS, ConfigError
+from mtjax.config import ADD_NORM_IMPLS, ATTENTION_IMPLS, ConfigError
 from mtjax.data import DataError
 
 PROG = "python -m mtjax.evaluate"
@@ -66,9 +66,10 @@ def run_data_options(run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str, *, data_root: str | Path | None = None,
-                        batch_size: int | None = None, attention_impl: str | None = None) -> dict[str, Any]:
+                        batch_size: int | None = None, attention_impl: str | None = None,
+                        add_norm_impl: str | None = None) -> dict[str, Any]:
     """Metrics of the checkpoint on `split` (the record `main` writes, without printing);
-    `attention_impl` replaces the checkpoint's BERT attention kernel (same function)."""
+    `attention_impl` and `add_norm_impl` replace the checkpoint's BERT kernels (same function)."""
     import jax
 
     from mtjax.checkpoint import load_model
@@ -98,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, *, data_root: str | 
     batch_size = batch_size or opts["batch_size"]
 
     config, variables, _ = load_model(model_dir)
-    config = config.with_attention_impl(attention_impl)
+    config = config.with_attention_impl(attention_impl).with_add_norm_impl(add_norm_impl)
     variables = uncommitted(variables)  # as in training: the same executable (and compile cache entry)
     dataset = load_split(json_path, i3d, vggish, model_config=config, tasks=config.tasks, **opts["reader"])
     if len(dataset) == 0:
@@ -122,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=ATTENTION_IMPLS,
                    help="BERT attention kernel (default: the checkpoint's); on GPUs in bf16, cudnn or flash "
                         "run the same function fused")
+    p.add_argument("--add-norm", choices=ADD_NORM_IMPLS,
+                   help="BERT add-norm (default: the checkpoint's); on GPUs, fused runs the same function as "
+                        "one kernel pass")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
     try:
         record = evaluate_checkpoint(args.checkpoint, args.split, data_root=args.data_root,
-                                     batch_size=args.batch_size, attention_impl=args.attention)
+                                     batch_size=args.batch_size, attention_impl=args.attention,
+                                     add_norm_impl=args.add_norm)
         out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.split}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".partial")

@@ -1,7 +1,7 @@
 """Per-clip probabilities from a model checkpoint.
 
     python -m mtjax.predict --checkpoint DIR --data-json FILE --i3d-dir DIR --vggish-dir DIR
-        --out FILE.jsonl [--batch-size N] [--attention xla|cudnn|flash]
+        --out FILE.jsonl [--batch-size N] [--attention xla|cudnn|flash] [--add-norm xla|fused]
 
 One JSON line per clip (every clip of the JSON, labelled or not), eval mode:
 `{"clip": <json key>, "IMDBid": ..., "probs": {"<task>": [p_absent, p_present], ...}}`.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtjax.checkpoint import CheckpointError, load_model
-from mtjax.config import ATTENTION_IMPLS, ModelConfig
+from mtjax.config import ADD_NORM_IMPLS, ATTENTION_IMPLS, ModelConfig
 from mtjax.data import ClipDataset, DataError, check_batch, load_split
 from mtjax.data.batching import pad_batch
 from mtjax.models.hiccap import MODEL_INPUTS, HICCAP
@@ -122,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=ATTENTION_IMPLS,
                    help="BERT attention kernel (default: the checkpoint's); on GPUs in bf16, cudnn or flash "
                         "run the same function fused")
+    p.add_argument("--add-norm", choices=ADD_NORM_IMPLS,
+                   help="BERT add-norm (default: the checkpoint's); on GPUs, fused runs the same function as "
+                        "one kernel pass")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error("--batch-size must be positive")
     try:
         config, variables, _ = load_model(args.checkpoint)
-        config = config.with_attention_impl(args.attention)
+        config = config.with_attention_impl(args.attention).with_add_norm_impl(args.add_norm)
         dataset = load_split(args.data_json, args.i3d_dir, args.vggish_dir, model_config=config,
                              require_labels=False)
         n = write_predictions(config, variables, dataset, Path(args.out), args.batch_size)

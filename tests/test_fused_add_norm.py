@@ -117,13 +117,40 @@ def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch)
     def loss(config, params):
         probs, _ = HICCAP(config).apply({**variables, "params": params}, inputs, train=True,
                                         rngs={"dropout": jax.random.key(9)}, mutable=["batch_stats"])
-        return sum(jnp.sum(p) for p in probs.values())
+        # Not Σ probs (constant: each clip's two probabilities sum to 1, the gradient is noise).
+        return sum(jnp.sum(jnp.log(p[:, 1]) * (i + 1)) for i, p in enumerate(probs.values()))
 
     value_w, grads_w = jax.value_and_grad(lambda p: loss(written, p))(variables["params"])
     value_k, grads_k = jax.value_and_grad(lambda p: loss(with_kernels, p))(variables["params"])
-    np.testing.assert_allclose(value_k, value_w, rtol=1e-5)
-    for gk, gw in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_w)):
-        np.testing.assert_allclose(gk, gw, rtol=2e-3, atol=2e-5)
+    np.testing.assert_allclose(value_k, value_w, rtol=1e-6)
+    g_max = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_w))
+    for (path, gk), gw in zip(jax.tree_util.tree_leaves_with_path(grads_k), jax.tree.leaves(grads_w)):
+        diff = float(jnp.max(jnp.abs(gk - gw)))
+        # float32; the kernels' two-pass variance and LayerNorm backward round differently from
+        # flax's LayerNorm (measured: ≤ 1.5e-5 of each BERT leaf's largest gradient), and the
+        # heads' train-mode BatchNorm over 2 clips amplifies that (≤ 8e-6 of the largest gradient).
+        # (The attention key bias has no gradient in exact arithmetic: a floor for such leaves.)
+        if "bert" in jax.tree_util.keystr(path):
+            leaf_scale = max(float(jnp.max(jnp.abs(gw))), 1e-4 * g_max)
+            assert diff <= 1e-4 * leaf_scale, (jax.tree_util.keystr(path), diff)
+        assert diff <= 1e-4 * g_max, (jax.tree_util.keystr(path), diff)
+
+
+def test_eval_of_a_threefry_model_with_fused_add_norm(monkeypatch):
+    """predict/evaluate's --add-norm fused on a model trained with the threefry mask: valid
+    (eval draws no mask) and the same eval outputs, the kernels interpreted."""
+    monkeypatch.setattr(fused, "use_fused_kernels", lambda x: True)
+    monkeypatch.setattr(fused, "INTERPRET", True)
+    config = tiny_model_config(text_len=24)
+    assert config.bert.hidden_dropout_impl == "threefry"
+    with_kernels = config.with_add_norm_impl("fused")
+    assert with_kernels.bert.add_norm_impl == "fused" and config.with_add_norm_impl(None) is config
+    variables = init_variables(config, jax.random.key(0))
+    inputs = {k: v for k, v in random_batch(config, 3, seed=2).items() if k in MODEL_INPUTS}
+    written = HICCAP(config).apply(variables, inputs, train=False)
+    fused_out = HICCAP(with_kernels).apply(variables, inputs, train=False)
+    for task in config.tasks:
+        np.testing.assert_allclose(fused_out[task], written[task], atol=1e-5)
 
 
 def test_fused_add_norm_needs_the_hash_mask():
