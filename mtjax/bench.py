@@ -247,6 +247,19 @@ def median_time(dispatch, sync, warmup: int, samples: int, per_sample: int = 1) 
     return statistics.median(times), times
 
 
+def time_forward_and_grad(fn, make_args, argnums, samples: int) -> tuple[float, float]:
+    """(ms forward, ms forward + backward) of the jitted `fn(*make_args())` (a kernel bench:
+    `make_args` may give fresh arguments per call, e.g. a new dropout key), each call waited for."""
+    import jax
+    import jax.numpy as jnp
+
+    fwd = jax.jit(fn)
+    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=argnums))
+    ms_fwd, _ = median_time(lambda: jax.block_until_ready(fwd(*make_args())), lambda: None, 3, samples)
+    ms_bwd, _ = median_time(lambda: jax.block_until_ready(grad(*make_args())), lambda: None, 3, samples)
+    return ms_fwd * 1e3, ms_bwd * 1e3
+
+
 def steps_per_sample(spec: dict[str, Any]) -> int:
     return spec.get("steps_per_sample") or STEPS_PER_SAMPLE
 

@@ -16,7 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from mtjax.bench import median_time
+from mtjax.bench import time_forward_and_grad
 from mtjax.models import fused_add_norm as fused
 
 RATE, EPS = 0.1, 1e-12
@@ -35,14 +35,6 @@ def check(shape, dtype) -> dict[str, float]:
     for name, a, b in zip(("dy", "dresidual", "dscale", "dbias"), vjp_f(g), vjp_r(g)):
         errs[name] = a.astype(jnp.float32) - b.astype(jnp.float32)
     return {k: float(jnp.max(jnp.abs(v))) for k, v in errs.items()}
-
-
-def time_fn(fn, args, steps: int) -> tuple[float, float]:
-    fwd = jax.jit(fn)
-    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3)))
-    ms_f, _ = median_time(lambda: jax.block_until_ready(fwd(*args)), lambda: None, 3, steps)
-    ms_b, _ = median_time(lambda: jax.block_until_ready(grad(*args)), lambda: None, 3, steps)
-    return ms_f * 1e3, ms_b * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     operands = (jax.random.normal(ky, shape, jnp.bfloat16), jax.random.normal(kr, shape, jnp.bfloat16),
                 jnp.ones(args.width), jnp.zeros(args.width))
     seed = jnp.int32(5)
-    rows = [("xla written-out", "-", *time_fn(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), operands, args.steps))]
+    rows = [("xla written-out", "-", *time_forward_and_grad(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), lambda: operands, (0, 1, 2, 3), args.steps))]
     for n_rows in (int(x) for x in args.rows.split(",")):
         for warps in (int(x) for x in args.warps.split(",")):
             fused.ROWS, fused.NUM_WARPS = n_rows, warps
             fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
             fn = lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS)
             try:
-                rows.append(("fused", f"{n_rows}x{warps}", *time_fn(fn, operands, args.steps)))
+                rows.append(("fused", f"{n_rows}x{warps}", *time_forward_and_grad(fn, lambda: operands, (0, 1, 2, 3), args.steps)))
             except Exception as e:  # a setting Triton cannot compile
                 rows.append(("fused", f"{n_rows}x{warps} failed: {type(e).__name__}", math.nan, math.nan))
     print("\n| path | rows per program × warps | ms fwd | ms fwd+bwd |\n|---|---|---|---|")

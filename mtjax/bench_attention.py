@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.bench import median_time
+from mtjax.bench import time_forward_and_grad
 from mtjax.models import flash_attention as flash
 from mtjax.models.attention import _softmax_dropout_values
 
@@ -55,13 +55,9 @@ def check_kernels(q, k, v, seed, blocks) -> dict[str, float]:
 
 
 def time_path(fn, q, k, v, steps: int) -> tuple[float, float]:
-    """(ms forward, ms forward + backward) of fn(q, k, v) with a fresh dropout key per call."""
-    fwd = jax.jit(fn)
-    grad = jax.jit(jax.grad(lambda q, k, v, key: fn(q, k, v, key).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    """(ms forward, ms forward + backward) of fn(q, k, v, key) with a fresh dropout key per call."""
     keys = iter(jax.random.split(jax.random.key(1), 10_000))
-    ms_fwd, _ = median_time(lambda: jax.block_until_ready(fwd(q, k, v, next(keys))), lambda: None, 3, steps)
-    ms_bwd, _ = median_time(lambda: jax.block_until_ready(grad(q, k, v, next(keys))), lambda: None, 3, steps)
-    return ms_fwd * 1e3, ms_bwd * 1e3
+    return time_forward_and_grad(fn, lambda: (q, k, v, next(keys)), (0, 1, 2), steps)
 
 
 def main(argv: list[str] | None = None) -> int:

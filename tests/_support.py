@@ -88,3 +88,26 @@ data: {{root: {data}, fine_grained_on_positives: true, batch_size: 6, eval_batch
 optim: {{name: adamw, lr: 3e-3}}
 train: {{epochs: {epochs}, log_every: 1, progress_bar: false, async_checkpoints: false, keep_checkpoints: 1}}
 """
+
+
+def max_tree_diff(a, b) -> float:
+    """Largest |a − b| over the leaves of two pytrees of arrays."""
+    import jax
+
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def compare_sharded(fn, args, sharded_args) -> dict:
+    """`fn` jitted on one device's `args` vs on `sharded_args` (for the sharding tests' 4-CPU
+    subprocesses): the largest difference, the all-gathers in the compiled sharded program, and
+    for each output leaf whether it stays split over all the devices."""
+    import jax
+
+    single = jax.jit(fn)(*args)
+    jitted = jax.jit(fn)
+    got = jitted(*sharded_args)
+    hlo = jitted.lower(*sharded_args).compile().as_text()
+    return {"diff": max_tree_diff(single, got), "all_gathers": hlo.count("all-gather"),
+            "split": [len(x.sharding.device_set) == jax.device_count() and not x.sharding.is_fully_replicated
+                      for x in jax.tree.leaves(got)]}
