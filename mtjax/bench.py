@@ -260,6 +260,21 @@ def time_forward_and_grad(fn, make_args, argnums, samples: int) -> tuple[float, 
     return ms_fwd * 1e3, ms_bwd * 1e3
 
 
+def kernel_row(name: str, setting: str, timed) -> tuple[str, str, float, float]:
+    """(name, setting, ms forward, ms forward + backward) of `timed()`; a setting the kernel
+    compiler rejects (e.g. too much shared memory) becomes a NaN row that says so."""
+    try:
+        return (name, setting, *timed())
+    except Exception as e:
+        return (name, f"{setting} failed: {type(e).__name__}", math.nan, math.nan)
+
+
+def print_kernel_table(setting_header: str, rows) -> None:
+    print(f"\n| path | {setting_header} | ms fwd | ms fwd+bwd |\n|---|---|---|---|")
+    for name, setting, f_ms, b_ms in rows:
+        print(f"| {name} | {setting} | {f_ms:.3f} | {b_ms:.3f} |")
+
+
 def steps_per_sample(spec: dict[str, Any]) -> int:
     return spec.get("steps_per_sample") or STEPS_PER_SAMPLE
 

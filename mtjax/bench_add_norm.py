@@ -10,13 +10,12 @@ bf16 with dropout 0.1, written out by XLA and fused at each rows-per-program / w
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from mtjax.bench import time_forward_and_grad
+from mtjax.bench import kernel_row, print_kernel_table, time_forward_and_grad
 from mtjax.models import fused_add_norm as fused
 
 RATE, EPS = 0.1, 1e-12
@@ -66,13 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             fused.ROWS, fused.NUM_WARPS = n_rows, warps
             fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
             fn = lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS)
-            try:
-                rows.append(("fused", f"{n_rows}x{warps}", *time_forward_and_grad(fn, lambda: operands, (0, 1, 2, 3), args.steps)))
-            except Exception as e:  # a setting Triton cannot compile
-                rows.append(("fused", f"{n_rows}x{warps} failed: {type(e).__name__}", math.nan, math.nan))
-    print("\n| path | rows per program × warps | ms fwd | ms fwd+bwd |\n|---|---|---|---|")
-    for name, setting, f_ms, b_ms in rows:
-        print(f"| {name} | {setting} | {f_ms:.3f} | {b_ms:.3f} |")
+            rows.append(kernel_row("fused", f"{n_rows}x{warps}",
+                                   lambda: time_forward_and_grad(fn, lambda: operands, (0, 1, 2, 3), args.steps)))
+    print_kernel_table("rows per program × warps", rows)
     return 0
 
 

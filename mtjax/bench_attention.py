@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.bench import time_forward_and_grad
+from mtjax.bench import kernel_row, print_kernel_table, time_forward_and_grad
 from mtjax.models import flash_attention as flash
 from mtjax.models.attention import _softmax_dropout_values
 
@@ -90,13 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for rate, s in [(RATE, s) for s in settings] + [(0.0, settings[0])]:
         name = "flash, dropout" if rate else "flash, no dropout"
         fn = lambda q, k, v, key, s=s, rate=rate: flash.flash_attention(q, k, v, flash.seed_from_key(key), rate, s)
-        try:
-            rows.append((name, str(s), *time_path(fn, q, k, v, args.steps)))
-        except Exception as e:  # a block setting Triton cannot compile (e.g. too much shared memory)
-            rows.append((name, f"{s} failed: {type(e).__name__}", math.nan, math.nan))
-    print("\n| path | blocks fwd q×k, bwd q×k, warps, stages | ms fwd | ms fwd+bwd |\n|---|---|---|---|")
-    for name, blocks, f_ms, b_ms in rows:
-        print(f"| {name} | {blocks} | {f_ms:.3f} | {b_ms:.3f} |")
+        rows.append(kernel_row(name, str(s), lambda fn=fn: time_path(fn, q, k, v, args.steps)))
+    print_kernel_table("blocks fwd q×k, bwd q×k, warps, stages", rows)
     return 0
 
 
