@@ -48,6 +48,16 @@ class Dense(nn.Dense):
         return _add_bias(y, bias)
 
 
+class DenseParams(nn.Dense):
+    """`Dense`'s parameters alone (same names, shapes and initialisers), for a caller that
+    does the matmul itself and lets a kernel add the bias. Returns (kernel, bias)."""
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        return (self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype),
+                self.param("bias", self.bias_init, (self.features,), self.param_dtype))
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """(B, L, d) -> (B, L, H, d/H)."""
     b, l, d = x.shape
