@@ -14,14 +14,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
 
-from mtjax.config import ConfigError, tiny_model_config
+from mtjax.config import BertConfig, ConfigError, tiny_model_config
 from mtjax.models import fused_add_norm as fused
+from mtjax.models.attention import Dense
+from mtjax.models.bert import BertAddNorm, LayerNormParams
 from mtjax.models.dropout import Dropout
 from mtjax.models.hiccap import HICCAP, MODEL_INPUTS, init_variables
 from tests._support import random_batch
@@ -79,6 +82,67 @@ def test_bf16_follows_the_written_out_roundings():
         np.testing.assert_allclose(gk, gr, rtol=8e-3, atol=atol, err_msg=name)
 
 
+class _DenseThenKernel(nn.Module):
+    """BertAddNorm's fused path as it was before the kernel added the dense bias: `Dense`
+    with its bias, then the kernel adding a zero bias (exact: y + 0 is y)."""
+
+    config: BertConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, residual, *, deterministic):
+        c = self.config
+        y = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
+        rate = 0.0 if deterministic else c.hidden_dropout_prob
+        seed = Dropout(c.hidden_dropout_prob, impl="hash").hash_seed() if rate > 0 else jnp.int32(0)
+        scale, bias = LayerNormParams(name="LayerNorm")(c.hidden_size)
+        return fused.add_dropout_layer_norm(y, jnp.zeros(c.hidden_size), residual.astype(y.dtype), scale, bias,
+                                            seed, rate, c.layer_norm_eps, True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_dense_bias_added_in_the_kernel_is_dense_s(monkeypatch, dtype):
+    """BertAddNorm's fused path (Dense's matmul, the bias added in the kernel) against Dense
+    with its bias and then the kernel: the same output bit for bit, the same input, residual,
+    dense kernel and LayerNorm gradients, and the dense bias gradient summed in float32 in
+    another order."""
+    monkeypatch.setattr(fused, "use_fused_kernels", lambda x: True)
+    monkeypatch.setattr(fused, "INTERPRET", True)
+    config = _configs()[1].bert
+    d = config.hidden_size
+    fused_path, dense_then_kernel = BertAddNorm(config, dtype), _DenseThenKernel(config, dtype)
+    kx, kr, kp, kb = jax.random.split(jax.random.key(8), 4)
+    x = jax.random.normal(kx, (2, 13, config.intermediate_size), dtype)
+    residual = jax.random.normal(kr, (2, 13, d), dtype)
+    params = fused_path.init(kp, x, residual, deterministic=True)["params"]
+    assert jax.tree.structure(dense_then_kernel.init(kp, x, residual, deterministic=True)["params"]) \
+        == jax.tree.structure(params)
+    b1, b2, b3 = jax.random.split(kb, 3)
+    params = {"dense": {**params["dense"], "bias": 0.5 * jax.random.normal(b1, (d,))},
+              "LayerNorm": {"scale": 1.0 + 0.1 * jax.random.normal(b2, (d,)),
+                            "bias": 0.1 * jax.random.normal(b3, (d,))}}
+    rngs = {"dropout": jax.random.key(3)}
+    cotangent = jax.random.normal(jax.random.key(4), residual.shape, dtype)
+    results = []
+    for module in (fused_path, dense_then_kernel):
+        out, vjp = jax.vjp(lambda p, x, r: module.apply({"params": p}, x, r, deterministic=False, rngs=rngs),
+                           params, x, residual)
+        results.append((out, *vjp(cotangent)))
+    (out_f, grads_f, dx_f, dr_f), (out_d, grads_d, dx_d, dr_d) = results
+    assert out_f.dtype == dtype
+    np.testing.assert_array_equal(out_f, out_d)
+    # Dropout ran (with the same mask in both, or the outputs would differ).
+    assert not np.array_equal(out_f, fused_path.apply({"params": params}, x, residual, deterministic=True))
+    exact = {"dx": (dx_f, dx_d), "dresidual": (dr_f, dr_d),
+             "dkernel": (grads_f["dense"]["kernel"], grads_d["dense"]["kernel"]),
+             "dLayerNorm": (grads_f["LayerNorm"], grads_d["LayerNorm"])}
+    for name, (gf, gd) in exact.items():
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=name), gf, gd)
+    db_f, db_d = grads_f["dense"]["bias"], grads_d["dense"]["bias"]
+    assert db_f.dtype == db_d.dtype == jnp.float32
+    np.testing.assert_allclose(db_f, db_d, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(db_d))))
+
+
 def test_the_mask_is_the_hash_dropout_modules():
     """With the module's seed, the kernel drops exactly what `Dropout(impl='hash')` drops."""
     y = jnp.ones((2, 9, 16))
@@ -125,6 +189,15 @@ def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch)
     written, with_kernels = _configs()
     variables = init_variables(written, jax.random.key(0))
     assert jax.tree.structure(init_variables(with_kernels, jax.random.key(0))) == jax.tree.structure(variables)
+    # The add-norms' dense biases (which the kernel adds) random, as after training: initialised,
+    # they are zero and a kernel that dropped them would compute the same.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+    dense_biases = [jax.tree_util.keystr(path) for path, _ in leaves
+                    if jax.tree_util.keystr(path).endswith("['output']['dense']['bias']")]
+    assert len(dense_biases) == 2 * written.bert.num_hidden_layers
+    params = treedef.unflatten([
+        x + 0.2 * jax.random.normal(key, x.shape) if jax.tree_util.keystr(path) in dense_biases else x
+        for (path, x), key in zip(leaves, jax.random.split(jax.random.key(1), len(leaves)))])
     batch = random_batch(written, 2, seed=4)
     inputs = {k: batch[k] for k in MODEL_INPUTS}
 
@@ -134,15 +207,22 @@ def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch)
         # Not Σ probs (constant: each clip's two probabilities sum to 1, the gradient is noise).
         return sum(jnp.sum(jnp.log(p[:, 1]) * (i + 1)) for i, p in enumerate(probs.values()))
 
-    value_w, grads_w = jax.value_and_grad(lambda p: loss(written, p))(variables["params"])
-    value_k, grads_k = jax.value_and_grad(lambda p: loss(with_kernels, p))(variables["params"])
+    value_w, grads_w = jax.value_and_grad(lambda p: loss(written, p))(params)
+    value_k, grads_k = jax.value_and_grad(lambda p: loss(with_kernels, p))(params)
     np.testing.assert_allclose(value_k, value_w, rtol=1e-6)
+    # A kernel that dropped the add-norms' dense biases, or added them twice, fails the above.
+    for factor in (0.0, 2.0):
+        changed = jax.tree_util.tree_map_with_path(
+            lambda path, x: factor * x if jax.tree_util.keystr(path) in dense_biases else x, params)
+        assert abs(float(loss(written, changed)) - float(value_w)) > 1e-4 * abs(float(value_w)), factor
+    assert jax.tree.structure(grads_k) == jax.tree.structure(grads_w)
     g_max = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_w))
     for (path, gk), gw in zip(jax.tree_util.tree_leaves_with_path(grads_k), jax.tree.leaves(grads_w)):
         diff = float(jnp.max(jnp.abs(gk - gw)))
         # float32; the kernels' two-pass variance and LayerNorm backward round differently from
-        # flax's LayerNorm (measured: ≤ 1.5e-5 of each BERT leaf's largest gradient), and the
-        # heads' train-mode BatchNorm over 2 clips amplifies that (≤ 8e-6 of the largest gradient).
+        # flax's LayerNorm (measured: ≤ 4.7e-5 of each BERT leaf's largest gradient with these
+        # dense biases, ≤ 1.5e-5 with zero ones), and the heads' train-mode BatchNorm over 2 clips
+        # amplifies that (≤ 8e-6 of the largest gradient).
         # (The attention key bias has no gradient in exact arithmetic: a floor for such leaves.)
         if "bert" in jax.tree_util.keystr(path):
             leaf_scale = max(float(jnp.max(jnp.abs(gw))), 1e-4 * g_max)
