@@ -1,10 +1,11 @@
-"""BERT's add-norm (dropout → + residual → LayerNorm) alone on the GPU: fused kernels vs written out.
+"""BERT's add-norm (dense bias → dropout → + residual → LayerNorm) alone on the GPU: fused kernels vs written out.
 
     python -m mtjax.bench_add_norm [--batch 32] [--seq 500] [--width 768] [--rows 4,8,16] [--warps 4,8]
 
 First checks the kernels on this GPU against `add_norm_reference` with the same hash mask
-(float32 operands, then bf16), then times forward and forward + backward of one add-norm in
-bf16 with dropout 0.1, written out by XLA and fused at each rows-per-program / warps setting.
+and a nonzero dense bias (float32 operands, then bf16), then times forward and forward +
+backward of one add-norm in bf16 with dropout 0.1 (its dense bias and its gradient included),
+written out by XLA and fused at each rows-per-program / warps setting.
 """
 
 from __future__ import annotations
@@ -22,18 +23,23 @@ RATE, EPS = 0.1, 1e-12
 
 
 def check(shape, dtype) -> dict[str, float]:
-    """Max |kernel − reference| of the output and the four gradients."""
-    ky, kr, kg = jax.random.split(jax.random.key(0), 3)
+    """Max |kernel − reference| of the output and the five gradients (the dense bias's a float32
+    sum over all B·L rows: compare it with the sum's size, printed as |ddense_bias|)."""
+    ky, kd, kr, kg = jax.random.split(jax.random.key(0), 4)
     y, r = jax.random.normal(ky, shape, dtype), jax.random.normal(kr, shape, dtype)
+    dense_bias = 0.5 * jax.random.normal(kd, (shape[-1],))
     scale, bias = 1.0 + 0.1 * jnp.arange(shape[-1]) / shape[-1], jnp.full((shape[-1],), 0.05)
+    operands = (y, dense_bias, r, scale, bias)
     seed = jnp.int32(77)
     g = jax.random.normal(kg, shape, dtype)
-    out_f, vjp_f = jax.vjp(lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS), y, r, scale, bias)
-    out_r, vjp_r = jax.vjp(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), y, r, scale, bias)
+    out_f, vjp_f = jax.vjp(lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS), *operands)
+    out_r, vjp_r = jax.vjp(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), *operands)
     errs = {"out": out_f.astype(jnp.float32) - out_r.astype(jnp.float32)}
-    for name, a, b in zip(("dy", "dresidual", "dscale", "dbias"), vjp_f(g), vjp_r(g)):
+    grads_r = vjp_r(g)
+    for name, a, b in zip(("dy", "ddense_bias", "dresidual", "dscale", "dbias"), vjp_f(g), grads_r):
         errs[name] = a.astype(jnp.float32) - b.astype(jnp.float32)
-    return {k: float(jnp.max(jnp.abs(v))) for k, v in errs.items()}
+    return {**{k: float(jnp.max(jnp.abs(v))) for k, v in errs.items()},
+            "|ddense_bias|": float(jnp.max(jnp.abs(grads_r[1])))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,17 +62,18 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
 
     ky, kr = jax.random.split(jax.random.key(1))
-    operands = (jax.random.normal(ky, shape, jnp.bfloat16), jax.random.normal(kr, shape, jnp.bfloat16),
-                jnp.ones(args.width), jnp.zeros(args.width))
+    operands = (jax.random.normal(ky, shape, jnp.bfloat16), jnp.full(args.width, 0.02),
+                jax.random.normal(kr, shape, jnp.bfloat16), jnp.ones(args.width), jnp.zeros(args.width))
     seed = jnp.int32(5)
-    rows = [("xla written-out", "-", *time_forward_and_grad(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), lambda: operands, (0, 1, 2, 3), args.steps))]
+    argnums = tuple(range(len(operands)))
+    rows = [("xla written-out", "-", *time_forward_and_grad(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), lambda: operands, argnums, args.steps))]
     for n_rows in (int(x) for x in args.rows.split(",")):
         for warps in (int(x) for x in args.warps.split(",")):
             fused.ROWS, fused.NUM_WARPS = n_rows, warps
             fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
             fn = lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS)
             rows.append(kernel_row("fused", f"{n_rows}x{warps}",
-                                   lambda: time_forward_and_grad(fn, lambda: operands, (0, 1, 2, 3), args.steps)))
+                                   lambda: time_forward_and_grad(fn, lambda: operands, argnums, args.steps)))
     print_kernel_table("rows per program × warps", rows)
     return 0
 

@@ -1,4 +1,4 @@
-"""The fused add-norm kernels (`bert.add_norm_impl='fused'`): dropout → residual add → LayerNorm.
+"""The fused add-norm kernels (`bert.add_norm_impl='fused'`): dense bias → dropout → residual add → LayerNorm.
 
 CI has no GPU: the kernels run in Pallas' interpreter (which fills block overhangs with NaN,
 so a missing mask shows) against the written-out function with the same hash mask, and their
@@ -14,14 +14,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
 
-from mtjax.config import ConfigError, tiny_model_config
+from mtjax.config import BertConfig, ConfigError, tiny_model_config
 from mtjax.models import fused_add_norm as fused
+from mtjax.models.attention import Dense
+from mtjax.models.bert import BertAddNorm, LayerNormParams
 from mtjax.models.dropout import Dropout
 from mtjax.models.hiccap import HICCAP, MODEL_INPUTS, init_variables
 from tests._support import random_batch
@@ -29,25 +32,29 @@ from tests._support import random_batch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+GRADIENTS = ("dy", "ddense_bias", "dresidual", "dscale", "dbias")
+
+
 def _operands(shape, dtype=jnp.float32, seed=0):
-    ky, kr, ks, kb = jax.random.split(jax.random.key(seed), 4)
+    """y (the dense matmul output), the dense bias, the residual, the LayerNorm scale and bias."""
+    ky, kd, kr, ks, kb = jax.random.split(jax.random.key(seed), 5)
     d = shape[-1]
-    return (jax.random.normal(ky, shape, dtype), jax.random.normal(kr, shape, dtype),
+    return (jax.random.normal(ky, shape, dtype), 0.5 * jax.random.normal(kd, (d,)), jax.random.normal(kr, shape, dtype),
             1.0 + 0.1 * jax.random.normal(ks, (d,)), 0.1 * jax.random.normal(kb, (d,)))
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(2, 13, 24), (3, 8, 40)])  # rows and features off the tiles
 def test_kernels_match_the_written_out_function(rate, shape):
-    y, r, scale, bias = _operands(shape)
+    operands = _operands(shape)
     seed = jnp.int32(1234)
     kernel = lambda *a: fused.add_dropout_layer_norm(*a, seed, rate, 1e-12, True)
     reference = lambda *a: fused.add_norm_reference(*a, seed, rate, 1e-12)
-    out_k, vjp_k = jax.vjp(kernel, y, r, scale, bias)
-    out_r, vjp_r = jax.vjp(reference, y, r, scale, bias)
+    out_k, vjp_k = jax.vjp(kernel, *operands)
+    out_r, vjp_r = jax.vjp(reference, *operands)
     np.testing.assert_allclose(out_k, out_r, atol=2e-6)
     cotangent = jax.random.normal(jax.random.key(5), shape)
-    for name, gk, gr in zip(("dy", "dresidual", "dscale", "dbias"), vjp_k(cotangent), vjp_r(cotangent)):
+    for name, gk, gr in zip(GRADIENTS, vjp_k(cotangent), vjp_r(cotangent)):
         np.testing.assert_allclose(gk, gr, atol=2e-5, err_msg=name)
     if rate:
         # The mask is drawn: some dense outputs have no gradient, about `rate` of them.
@@ -56,14 +63,84 @@ def test_kernels_match_the_written_out_function(rate, shape):
 
 
 def test_bf16_follows_the_written_out_roundings():
-    y, r, scale, bias = _operands((2, 21, 48), jnp.bfloat16, seed=3)
+    operands = _operands((2, 21, 48), jnp.bfloat16, seed=3)
     seed = jnp.int32(-77)
-    out_k = fused.add_dropout_layer_norm(y, r, scale, bias, seed, 0.1, 1e-12, True)
-    out_r = fused.add_norm_reference(y, r, scale, bias, seed, 0.1, 1e-12)
+    out_k, vjp_k = jax.vjp(lambda *a: fused.add_dropout_layer_norm(*a, seed, 0.1, 1e-12, True), *operands)
+    out_r, vjp_r = jax.vjp(lambda *a: fused.add_norm_reference(*a, seed, 0.1, 1e-12), *operands)
     assert out_k.dtype == jnp.bfloat16
-    # Same bf16 sum, float32 statistics in another summation order: at most one bf16 step.
+    # Same bf16 sums, float32 statistics in another summation order: at most one bf16 step.
     np.testing.assert_allclose(out_k.astype(jnp.float32), out_r.astype(jnp.float32), rtol=8e-3, atol=8e-3)
     assert float(jnp.mean(out_k == out_r)) > 0.95
+    cotangent = jax.random.normal(jax.random.key(6), out_k.shape, jnp.bfloat16)
+    grads_k, grads_r = vjp_k(cotangent), vjp_r(cotangent)
+    assert grads_k[0].dtype == jnp.bfloat16 and grads_k[1].dtype == jnp.float32
+    for name, gk, gr in zip(GRADIENTS, grads_k, grads_r):
+        gk, gr = gk.astype(jnp.float32), gr.astype(jnp.float32)
+        # bf16 cotangents a bf16 step apart where the float32 statistics round differently;
+        # the parameter gradients sum such terms over the 42 rows in float32.
+        atol = 1e-2 * float(jnp.max(jnp.abs(gr))) if gr.ndim == 1 else 0.0
+        np.testing.assert_allclose(gk, gr, rtol=8e-3, atol=atol, err_msg=name)
+
+
+class _DenseThenKernel(nn.Module):
+    """BertAddNorm's fused path as it was before the kernel added the dense bias: `Dense`
+    with its bias, then the kernel adding a zero bias (exact: y + 0 is y)."""
+
+    config: BertConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, residual, *, deterministic):
+        c = self.config
+        y = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
+        rate = 0.0 if deterministic else c.hidden_dropout_prob
+        seed = Dropout(c.hidden_dropout_prob, impl="hash").hash_seed() if rate > 0 else jnp.int32(0)
+        scale, bias = LayerNormParams(name="LayerNorm")(c.hidden_size)
+        return fused.add_dropout_layer_norm(y, jnp.zeros(c.hidden_size), residual.astype(y.dtype), scale, bias,
+                                            seed, rate, c.layer_norm_eps, True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_dense_bias_added_in_the_kernel_is_dense_s(monkeypatch, dtype):
+    """BertAddNorm's fused path (Dense's matmul, the bias added in the kernel) against Dense
+    with its bias and then the kernel: the same output bit for bit, the same input, residual,
+    dense kernel and LayerNorm gradients, and the dense bias gradient summed in float32 in
+    another order."""
+    monkeypatch.setattr(fused, "use_fused_kernels", lambda x: True)
+    monkeypatch.setattr(fused, "INTERPRET", True)
+    config = _configs()[1].bert
+    d = config.hidden_size
+    fused_path, dense_then_kernel = BertAddNorm(config, dtype), _DenseThenKernel(config, dtype)
+    kx, kr, kp, kb = jax.random.split(jax.random.key(8), 4)
+    x = jax.random.normal(kx, (2, 13, config.intermediate_size), dtype)
+    residual = jax.random.normal(kr, (2, 13, d), dtype)
+    params = fused_path.init(kp, x, residual, deterministic=True)["params"]
+    assert jax.tree.structure(dense_then_kernel.init(kp, x, residual, deterministic=True)["params"]) \
+        == jax.tree.structure(params)
+    b1, b2, b3 = jax.random.split(kb, 3)
+    params = {"dense": {**params["dense"], "bias": 0.5 * jax.random.normal(b1, (d,))},
+              "LayerNorm": {"scale": 1.0 + 0.1 * jax.random.normal(b2, (d,)),
+                            "bias": 0.1 * jax.random.normal(b3, (d,))}}
+    rngs = {"dropout": jax.random.key(3)}
+    cotangent = jax.random.normal(jax.random.key(4), residual.shape, dtype)
+    results = []
+    for module in (fused_path, dense_then_kernel):
+        out, vjp = jax.vjp(lambda p, x, r: module.apply({"params": p}, x, r, deterministic=False, rngs=rngs),
+                           params, x, residual)
+        results.append((out, *vjp(cotangent)))
+    (out_f, grads_f, dx_f, dr_f), (out_d, grads_d, dx_d, dr_d) = results
+    assert out_f.dtype == dtype
+    np.testing.assert_array_equal(out_f, out_d)
+    # Dropout ran (with the same mask in both, or the outputs would differ).
+    assert not np.array_equal(out_f, fused_path.apply({"params": params}, x, residual, deterministic=True))
+    exact = {"dx": (dx_f, dx_d), "dresidual": (dr_f, dr_d),
+             "dkernel": (grads_f["dense"]["kernel"], grads_d["dense"]["kernel"]),
+             "dLayerNorm": (grads_f["LayerNorm"], grads_d["LayerNorm"])}
+    for name, (gf, gd) in exact.items():
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=name), gf, gd)
+    db_f, db_d = grads_f["dense"]["bias"], grads_d["dense"]["bias"]
+    assert db_f.dtype == db_d.dtype == jnp.float32
+    np.testing.assert_allclose(db_f, db_d, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(db_d))))
 
 
 def test_the_mask_is_the_hash_dropout_modules():
@@ -75,8 +152,9 @@ def test_the_mask_is_the_hash_dropout_modules():
     seed = module.apply({}, method=Dropout.hash_seed, rngs=rngs)
     zeros = jnp.zeros_like(y)
     # With a zero residual the cotangent of y is zero exactly where the mask drops.
-    _, vjp = jax.vjp(lambda y: fused.add_dropout_layer_norm(y, zeros, jnp.ones(16), jnp.zeros(16), seed, 0.3,
-                                                              1e-12, True), y + jax.random.normal(jax.random.key(2), y.shape))
+    _, vjp = jax.vjp(lambda y: fused.add_dropout_layer_norm(y, jnp.full(16, 0.1), zeros, jnp.ones(16), jnp.zeros(16),
+                                                              seed, 0.3, 1e-12, True),
+                     y + jax.random.normal(jax.random.key(2), y.shape))
     dy = vjp(jax.random.normal(jax.random.key(3), y.shape))[0]
     np.testing.assert_array_equal(dy == 0, dropped_by_module)
 
@@ -85,13 +163,13 @@ def test_triton_lowering_for_cuda():
     y = jax.ShapeDtypeStruct((2, 500, 768), jnp.bfloat16)
     p = jax.ShapeDtypeStruct((768,), jnp.float32)
 
-    def loss(y, r, scale, bias, seed):
-        return fused.add_dropout_layer_norm(y, r, scale, bias, seed, 0.1, 1e-12).astype(jnp.float32).sum()
+    def loss(y, dense_bias, r, scale, bias, seed):
+        return fused.add_dropout_layer_norm(y, dense_bias, r, scale, bias, seed, 0.1, 1e-12).astype(jnp.float32).sum()
 
     exported = export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=("cuda",),
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=("cuda",),
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(y, y, p, p, jax.ShapeDtypeStruct((), jnp.int32))
+    )(y, p, y, p, p, jax.ShapeDtypeStruct((), jnp.int32))
     text = exported.mlir_module()
     for name in ("add_norm_fwd", "add_norm_bwd"):
         assert f'name = "{name}"' in text
@@ -111,6 +189,15 @@ def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch)
     written, with_kernels = _configs()
     variables = init_variables(written, jax.random.key(0))
     assert jax.tree.structure(init_variables(with_kernels, jax.random.key(0))) == jax.tree.structure(variables)
+    # The add-norms' dense biases (which the kernel adds) random, as after training: initialised,
+    # they are zero and a kernel that dropped them would compute the same.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+    dense_biases = [jax.tree_util.keystr(path) for path, _ in leaves
+                    if jax.tree_util.keystr(path).endswith("['output']['dense']['bias']")]
+    assert len(dense_biases) == 2 * written.bert.num_hidden_layers
+    params = treedef.unflatten([
+        x + 0.2 * jax.random.normal(key, x.shape) if jax.tree_util.keystr(path) in dense_biases else x
+        for (path, x), key in zip(leaves, jax.random.split(jax.random.key(1), len(leaves)))])
     batch = random_batch(written, 2, seed=4)
     inputs = {k: batch[k] for k in MODEL_INPUTS}
 
@@ -120,15 +207,22 @@ def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch)
         # Not Σ probs (constant: each clip's two probabilities sum to 1, the gradient is noise).
         return sum(jnp.sum(jnp.log(p[:, 1]) * (i + 1)) for i, p in enumerate(probs.values()))
 
-    value_w, grads_w = jax.value_and_grad(lambda p: loss(written, p))(variables["params"])
-    value_k, grads_k = jax.value_and_grad(lambda p: loss(with_kernels, p))(variables["params"])
+    value_w, grads_w = jax.value_and_grad(lambda p: loss(written, p))(params)
+    value_k, grads_k = jax.value_and_grad(lambda p: loss(with_kernels, p))(params)
     np.testing.assert_allclose(value_k, value_w, rtol=1e-6)
+    # A kernel that dropped the add-norms' dense biases, or added them twice, fails the above.
+    for factor in (0.0, 2.0):
+        changed = jax.tree_util.tree_map_with_path(
+            lambda path, x: factor * x if jax.tree_util.keystr(path) in dense_biases else x, params)
+        assert abs(float(loss(written, changed)) - float(value_w)) > 1e-4 * abs(float(value_w)), factor
+    assert jax.tree.structure(grads_k) == jax.tree.structure(grads_w)
     g_max = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_w))
     for (path, gk), gw in zip(jax.tree_util.tree_leaves_with_path(grads_k), jax.tree.leaves(grads_w)):
         diff = float(jnp.max(jnp.abs(gk - gw)))
         # float32; the kernels' two-pass variance and LayerNorm backward round differently from
-        # flax's LayerNorm (measured: ≤ 1.5e-5 of each BERT leaf's largest gradient), and the
-        # heads' train-mode BatchNorm over 2 clips amplifies that (≤ 8e-6 of the largest gradient).
+        # flax's LayerNorm (measured: ≤ 4.7e-5 of each BERT leaf's largest gradient with these
+        # dense biases, ≤ 1.5e-5 with zero ones), and the heads' train-mode BatchNorm over 2 clips
+        # amplifies that (≤ 8e-6 of the largest gradient).
         # (The attention key bias has no gradient in exact arithmetic: a floor for such leaves.)
         if "bert" in jax.tree_util.keystr(path):
             leaf_scale = max(float(jnp.max(jnp.abs(gw))), 1e-4 * g_max)
@@ -171,19 +265,18 @@ SHARDING_SCRIPT = textwrap.dedent(r"""
     B, L, D, T, RATE = 8, 13, 24, 3, 0.1   # 2 examples per device
     keys = jax.random.split(jax.random.key(0), 4)
     y, r = (jax.random.normal(k, (B, L, D)) for k in keys[:2])
-    scale, bias = 1.0 + 0.1 * jnp.arange(D) / D, jnp.full((D,), 0.1)
+    dense_bias, scale, bias = jnp.linspace(-0.5, 0.5, D), 1.0 + 0.1 * jnp.arange(D) / D, jnp.full((D,), 0.1)
     cotangent = jax.random.normal(keys[2], (B, L, D))
     task_cotangents = jax.random.normal(keys[3], (T, B, L, D))
     seed = jnp.int32(99)
+    add_norm = lambda y, db, r, s, b: fused.add_dropout_layer_norm(y, db, r, s, b, seed, RATE, 1e-12, True)
 
     def step(y, r, cotangent):
-        out, vjp = jax.vjp(lambda y, r, s, b: fused.add_dropout_layer_norm(y, r, s, b, seed, RATE, 1e-12, True),
-                           y, r, scale, bias)
+        out, vjp = jax.vjp(add_norm, y, dense_bias, r, scale, bias)
         return out, vjp(cotangent)
 
     def per_task(y, r, cotangents):  # train_step's batched backward
-        _, vjp = jax.vjp(lambda y, r, s, b: fused.add_dropout_layer_norm(y, r, s, b, seed, RATE, 1e-12, True),
-                         y, r, scale, bias)
+        _, vjp = jax.vjp(add_norm, y, dense_bias, r, scale, bias)
         return jax.vmap(vjp)(cotangents)
 
     mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from mtjax.config import BertConfig
 from mtjax.models import fused_add_norm
-from mtjax.models.attention import Dense, dot_product_attention, split_heads
+from mtjax.models.attention import Dense, DenseParams, dot_product_attention, split_heads
 from mtjax.models.dropout import Dropout
 
 
@@ -84,14 +84,23 @@ class BertAddNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         c = self.config
-        x = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
-        dropout = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)
-        if c.add_norm_impl == "fused" and fused_add_norm.use_fused_kernels(x):
+        # The dense output's dtype as `Dense` computes it (module dtype, else the inputs' with the
+        # float32 kernel's): the kernels' decision is taken before either path makes the parameters.
+        dense_dtype = jnp.dtype(self.dtype or jnp.result_type(x, jnp.float32))
+        dense_out = jax.ShapeDtypeStruct((*x.shape[:-1], c.hidden_size), dense_dtype)
+        if c.add_norm_impl == "fused" and fused_add_norm.use_fused_kernels(dense_out):
+            # Dense's matmul; the kernel adds its bias (saving an XLA pass each way).
+            kernel, dense_bias = DenseParams(c.hidden_size, name="dense")(x.shape[-1])
+            y = jax.lax.dot_general(x.astype(dense_dtype), kernel.astype(dense_dtype),
+                                    (((x.ndim - 1,), (0,)), ((), ())))
             rate = 0.0 if deterministic else c.hidden_dropout_prob
+            dropout = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)
             seed = dropout.hash_seed() if rate > 0 else jnp.int32(0)
             scale, bias = LayerNormParams(name="LayerNorm")(c.hidden_size)
-            return fused_add_norm.add_dropout_layer_norm(x, residual.astype(x.dtype), scale, bias, seed, rate,
-                                                         c.layer_norm_eps, fused_add_norm.INTERPRET)
+            return fused_add_norm.add_dropout_layer_norm(y, dense_bias, residual.astype(y.dtype), scale, bias, seed,
+                                                         rate, c.layer_norm_eps, fused_add_norm.INTERPRET)
+        x = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
+        dropout = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)
         x = dropout(x, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x + residual)
         return x.astype(self.dtype)

@@ -1,18 +1,21 @@
-"""BERT's add-norm — dropout, residual add, LayerNorm — as one kernel pass forward and one backward.
+"""BERT's add-norm — dense bias, dropout, residual add, LayerNorm — as one kernel pass forward and one backward.
 
 Written out, XLA runs the add-norm as several passes over the (B, L, 768) activations
 forward (dropout + add, the LayerNorm statistics, the normalisation, transposed copies) and
 more backward; 24 add-norms a step make it one of the largest elementwise costs of the bf16
 train step. These Pallas (Triton) kernels read each row once: the forward reads the dense
-output and the residual and writes the output, the pre-norm sum and the row statistics; the
-backward reads the output cotangent and the pre-norm sum and writes both input cotangents
-and per-block partial sums of the LayerNorm parameter gradients.
+layer's matmul output and the residual, adds the dense bias, and writes the output, the
+pre-norm sum and the row statistics; the backward reads the output cotangent and the
+pre-norm sum and writes both input cotangents and per-block partial sums of the LayerNorm
+parameter gradients and of the dense bias gradient. Adding the dense bias here saves the
+separate XLA pass over the matmul output forward and its column reduction backward.
 
 The dropout mask is `dropout.hash_keep` of each element's row-major index with the seed of
 the `Dropout(impl='hash')` module it replaces, so the kernels draw the very mask that module
-would, and the arithmetic follows the written-out path's roundings (the kept value divided by
-the keep probability in the activation dtype, the sum rounded to that dtype, float32
-statistics). `add_norm_reference` is that written-out function.
+would, and the arithmetic follows the written-out path's roundings (the dense bias added in
+the activation dtype as `attention.Dense` adds it, the kept value divided by the keep
+probability in that dtype, the sum rounded to it, float32 statistics, the dense bias
+gradient summed in float32). `add_norm_reference` is that written-out function.
 
 Rows are split into blocks of `ROWS`; the 768 features are covered by one 1024-wide tile
 with the columns past 768 masked, as the rows past L are.
@@ -29,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mtjax.models.attention import _add_bias
 from mtjax.models.batch_parallel import batch_parallel
 from mtjax.models.dropout import hash_keep, hash_keep_mask, hash_keys
 
@@ -38,8 +42,9 @@ NUM_WARPS = 4
 INTERPRET = False
 
 
-def use_fused_kernels(x: jax.Array) -> bool:
-    """Whether the kernels run: on GPUs (Triton); elsewhere the model writes the add-norm out."""
+def use_fused_kernels(x: jax.Array | jax.ShapeDtypeStruct) -> bool:
+    """Whether the kernels run on the dense output `x` (BertAddNorm passes its shape and dtype,
+    before it computes it): on GPUs (Triton); elsewhere the model writes the add-norm out."""
     return jax.default_backend() == "gpu"
 
 
@@ -48,9 +53,11 @@ def _keep_prob(rate: float, dtype) -> float:
     return float(np.asarray(1.0 - rate, dtype))
 
 
-def add_norm_reference(y, residual, scale, bias, seed, rate: float, eps: float):
-    """LayerNorm(dropout(y) + residual) written out, as BertAddNorm computes it with
-    `hidden_dropout_impl='hash'` (statistics in float32, output in y's dtype)."""
+def add_norm_reference(y, dense_bias, residual, scale, bias, seed, rate: float, eps: float):
+    """LayerNorm(dropout(y + dense_bias) + residual) written out, as BertAddNorm computes it
+    with `hidden_dropout_impl='hash'` (the bias added in y's dtype as `Dense` adds it,
+    statistics in float32, output in y's dtype)."""
+    y = _add_bias(y, dense_bias)  # Dense's own bias add: its gradient summed in float32 in bf16 too
     if rate > 0:
         keep = hash_keep_mask(seed, y.shape, rate)
         y = lax.select(keep, y / jnp.asarray(1.0 - rate, y.dtype), jnp.zeros_like(y))
@@ -75,13 +82,16 @@ def _keep(base_ref, seed_ref, rows, cols, width, rate):
     return hash_keep(base_ref[0] + rows[:, None] * width + cols[None, :], k1, k2, rate)
 
 
-def _fwd_kernel(base_ref, seed_ref, y_ref, r_ref, scale_ref, bias_ref, out_ref, s_ref, mean_ref, rstd_ref, *,
-                rate, keep_prob, eps, seq_len, width, block_cols):
+def _fwd_kernel(base_ref, seed_ref, y_ref, y_bias_ref, r_ref, scale_ref, bias_ref,
+                out_ref, s_ref, mean_ref, rstd_ref, *, rate, keep_prob, eps, seq_len, width, block_cols):
     rows, cols, row_ok, ok = _tile(seq_len, width, block_cols)
     col_ok = cols < width
     dtype = y_ref.dtype
     y = plgpu.load(y_ref, mask=ok, other=0)
     r = plgpu.load(r_ref, mask=ok, other=0)
+    # Dense's bias add: the bias rounded to the activation dtype, the sum rounded to it.
+    y_bias = plgpu.load(y_bias_ref, mask=col_ok, other=0).astype(dtype)
+    y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)[None, :]).astype(dtype)
     if rate > 0:
         dropped = (y.astype(jnp.float32) / keep_prob).astype(dtype)
         y = jnp.where(_keep(base_ref, seed_ref, rows, cols, width, rate), dropped, jnp.zeros_like(dropped))
@@ -100,7 +110,7 @@ def _fwd_kernel(base_ref, seed_ref, y_ref, r_ref, scale_ref, bias_ref, out_ref, 
 
 
 def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_ref,
-                dy_ref, dr_ref, dscale_ref, dbias_ref, *, rate, keep_prob, seq_len, width, block_cols):
+                dy_ref, dr_ref, dscale_ref, dbias_ref, dy_bias_ref, *, rate, keep_prob, seq_len, width, block_cols):
     rows, cols, row_ok, ok = _tile(seq_len, width, block_cols)
     col_ok = cols < width
     dtype = dy_ref.dtype
@@ -123,6 +133,9 @@ def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_r
     plgpu.store(dy_ref, dy, mask=ok)
     plgpu.store(dscale_ref, jnp.sum(dout * xhat, axis=0), mask=col_ok)
     plgpu.store(dbias_ref, jnp.sum(dout, axis=0), mask=col_ok)
+    # The dense bias gradient sums dy as stored (rounded to its dtype) in float32, as Dense's
+    # does; the rows past L add 0 (their dout is loaded as 0, so ds is 0).
+    plgpu.store(dy_bias_ref, jnp.sum(dy.astype(jnp.float32), axis=0), mask=col_ok)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -158,20 +171,21 @@ _EXAMPLE = pl.BlockSpec((1,), lambda i, b: (b,))  # the example's index base and
 
 @functools.lru_cache(maxsize=None)
 def _fwd_op(rate: float, eps: float, interpret: bool):
-    def call(base, seeds, y, r, scale, bias):
+    def call(base, seeds, y, y_bias, r, scale, bias):
         plan = _Plan(y.shape, interpret)
         b, l, _ = y.shape
         return tuple(pl.pallas_call(
             functools.partial(_fwd_kernel, rate=rate, keep_prob=_keep_prob(rate, y.dtype), eps=eps, **plan.common),
             grid=plan.grid,
-            in_specs=[_EXAMPLE, _EXAMPLE, plan.rows(), plan.rows(), plan.features(), plan.features()],
+            in_specs=[_EXAMPLE, _EXAMPLE, plan.rows(), plan.features(), plan.rows(), plan.features(),
+                      plan.features()],
             out_specs=[plan.rows(), plan.rows(), plan.stats(), plan.stats()],
             out_shape=[jax.ShapeDtypeStruct(y.shape, y.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype),
                        jax.ShapeDtypeStruct((b, l), jnp.float32), jax.ShapeDtypeStruct((b, l), jnp.float32)],
             name="add_norm_fwd", **plan.call_args,
-        )(base, seeds, y, r, scale, bias))
+        )(base, seeds, y, y_bias, r, scale, bias))
 
-    return batch_parallel(call, "b, b, b l d, b l d, b d, b d -> b l d, b l d, b l, b l", ("l", "d"))
+    return batch_parallel(call, "b, b, b l d, b d, b l d, b d, b d -> b l d, b l d, b l, b l", ("l", "d"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,23 +198,28 @@ def _bwd_op(rate: float, interpret: bool):
             functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common),
             grid=plan.grid,
             in_specs=[_EXAMPLE, _EXAMPLE, plan.rows(), plan.rows(), plan.stats(), plan.stats(), plan.features()],
-            out_specs=[plan.rows(), plan.rows(), plan.partial_sums(), plan.partial_sums()],
+            out_specs=[plan.rows(), plan.rows(), plan.partial_sums(), plan.partial_sums(), plan.partial_sums()],
             out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct(s.shape, s.dtype),
-                       partial_sums, partial_sums],
+                       partial_sums, partial_sums, partial_sums],
             name="add_norm_bwd", **plan.call_args,
         )(base, seeds, dout, s, mean, rstd, scale))
 
-    return batch_parallel(call, "b, b, b l d, b l d, b l, b l, b d -> b l d, b l d, b k d, b k d", ("l", "d", "k"))
+    return batch_parallel(call, "b, b, b l d, b l d, b l, b l, b d -> b l d, b l d, b k d, b k d, b k d",
+                          ("l", "d", "k"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def add_dropout_layer_norm(y, residual, scale, bias, seed, rate: float, eps: float, interpret: bool = False):
-    """LayerNorm(dropout(y) + residual) · scale + bias, fused; `add_norm_reference` written out.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def add_dropout_layer_norm(y, dense_bias, residual, scale, bias, seed, rate: float, eps: float,
+                           interpret: bool = False):
+    """LayerNorm(dropout(y + dense_bias) + residual) · scale + bias, fused; `add_norm_reference`
+    written out.
 
-    y, residual: (B, L, D) of one dtype; scale, bias: (D,) float32; seed: int32 scalar (the
-    'hash' dropout seed, `Dropout.hash_seed`); rate 0 for no dropout. Returns y's dtype.
-    `interpret=True` runs the kernels in Pallas' interpreter (CPU tests)."""
-    return _fwd(y, residual, scale, bias, seed, rate, eps, interpret)[0]
+    y: the dense layer's matmul output before its bias, residual: (B, L, D) of one dtype;
+    dense_bias (the dense layer's), scale, bias: (D,) float32; seed: int32 scalar (the 'hash'
+    dropout seed, `Dropout.hash_seed`); rate 0 for no dropout. Returns y's dtype. y's cotangent
+    is also that of y + dense_bias. `interpret=True` runs the kernels in Pallas' interpreter
+    (CPU tests)."""
+    return _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret)[0]
 
 
 def _per_example(seed, batch, seq_len, width):
@@ -210,21 +229,24 @@ def _per_example(seed, batch, seq_len, width):
     return base, jnp.broadcast_to(jnp.asarray(seed, jnp.int32), (batch,))
 
 
-def _fwd(y, residual, scale, bias, seed, rate, eps, interpret):
+def _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret):
     b, l, d = y.shape
     base, seeds = _per_example(seed, b, l, d)
-    scale_b, bias_b = (jnp.broadcast_to(p.astype(jnp.float32), (b, d)) for p in (scale, bias))
-    out, s, mean, rstd = _fwd_op(rate, eps, interpret)(base, seeds, y, residual.astype(y.dtype), scale_b, bias_b)
+    y_bias_b, scale_b, bias_b = (jnp.broadcast_to(p.astype(jnp.float32), (b, d)) for p in (dense_bias, scale, bias))
+    out, s, mean, rstd = _fwd_op(rate, eps, interpret)(base, seeds, y, y_bias_b, residual.astype(y.dtype),
+                                                       scale_b, bias_b)
     # The zero-size arrays only carry the residual's and the parameters' dtypes to the backward.
-    dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (residual, scale, bias))
+    dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (dense_bias, residual, scale, bias))
     return out, (base, seeds, s, mean, rstd, scale_b, jnp.asarray(seed), dtypes)
 
 
 def _bwd(rate, eps, interpret, residuals, d_out):
-    base, seeds, s, mean, rstd, scale_b, seed, (r_like, scale_like, bias_like) = residuals
-    dy, dr, dscale, dbias = _bwd_op(rate, interpret)(base, seeds, d_out.astype(s.dtype), s, mean, rstd, scale_b)
-    return (dy, dr.astype(r_like.dtype), dscale.sum((0, 1)).astype(scale_like.dtype),
-            dbias.sum((0, 1)).astype(bias_like.dtype), np.zeros(seed.shape, jax.dtypes.float0))
+    base, seeds, s, mean, rstd, scale_b, seed, (y_bias_like, r_like, scale_like, bias_like) = residuals
+    dy, dr, dscale, dbias, dy_bias = _bwd_op(rate, interpret)(base, seeds, d_out.astype(s.dtype), s, mean, rstd,
+                                                              scale_b)
+    return (dy, dy_bias.sum((0, 1)).astype(y_bias_like.dtype), dr.astype(r_like.dtype),
+            dscale.sum((0, 1)).astype(scale_like.dtype), dbias.sum((0, 1)).astype(bias_like.dtype),
+            np.zeros(seed.shape, jax.dtypes.float0))
 
 
 add_dropout_layer_norm.defvjp(_fwd, _bwd)
