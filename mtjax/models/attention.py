@@ -30,6 +30,11 @@ def _add_bias_bwd(_, g):
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def add_dense_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """`Dense`'s bias add: in y's dtype; below the bias's dtype its gradient sums in float32."""
+    return y + bias.astype(y.dtype) if y.dtype == bias.dtype else _add_bias(y, bias)
+
+
 class Dense(nn.Dense):
     """`nn.Dense` (same parameters, same forward) whose bias gradient accumulates in
     float32 when the compute dtype is lower; identical to `nn.Dense` in float32."""
@@ -41,11 +46,7 @@ class Dense(nn.Dense):
         dtype = jnp.dtype(self.dtype or jnp.result_type(inputs, kernel))
         y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype),
                                 (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        if bias is None:
-            return y
-        if dtype == bias.dtype:
-            return y + bias.astype(dtype)
-        return _add_bias(y, bias)
+        return y if bias is None else add_dense_bias(y, bias)
 
 
 class DenseParams(nn.Dense):
@@ -89,6 +90,17 @@ def _flash(q, k, v, bias, rate: float, dropout_rng: jax.Array | None) -> jax.Arr
     seed = flash.seed_from_key(dropout_rng)
     if use_flash_kernel(q):
         return flash.flash_attention(q, k, v, seed, rate)
+    return flash.attention_reference(q, k, v, seed, rate)
+
+
+def packed_self_attention(kvq: jax.Array, bias: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+    """The 'flash' path with dropout on BERT's packed projection: kvq (B, L, 3, H, d) before
+    its (3, H, d) bias (slots `flash.KEY/VALUE/QUERY`); returns (B, L, H, d). The fused
+    kernels where they run (or in the interpreter, `flash.INTERPRET`), else the same function
+    written out with `Dense`'s bias adds."""
+    if flash.INTERPRET or use_flash_kernel(kvq):
+        return flash.flash_attention_packed(kvq, bias, seed, rate, interpret=flash.INTERPRET)
+    q, k, v = (add_dense_bias(kvq[:, :, slot], bias[slot]) for slot in (flash.QUERY, flash.KEY, flash.VALUE))
     return flash.attention_reference(q, k, v, seed, rate)
 
 

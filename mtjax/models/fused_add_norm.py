@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mtjax.models.attention import _add_bias
+from mtjax.models.attention import add_dense_bias
 from mtjax.models.batch_parallel import batch_parallel
 from mtjax.models.dropout import hash_keep, hash_keep_mask, hash_keys
 
@@ -57,7 +57,7 @@ def add_norm_reference(y, dense_bias, residual, scale, bias, seed, rate: float, 
     """LayerNorm(dropout(y + dense_bias) + residual) written out, as BertAddNorm computes it
     with `hidden_dropout_impl='hash'` (the bias added in y's dtype as `Dense` adds it,
     statistics in float32, output in y's dtype)."""
-    y = _add_bias(y, dense_bias)  # Dense's own bias add: its gradient summed in float32 in bf16 too
+    y = add_dense_bias(y, dense_bias)  # Dense's own: its gradient summed in float32 in bf16 too
     if rate > 0:
         keep = hash_keep_mask(seed, y.shape, rate)
         y = lax.select(keep, y / jnp.asarray(1.0 - rate, y.dtype), jnp.zeros_like(y))
