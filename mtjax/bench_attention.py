@@ -4,7 +4,9 @@
 
 Times forward + backward (and forward alone) of one layer's attention at BERT-base shape in
 bf16, dropout 0.1 where the path has it, and first checks the kernels on this GPU against
-`attention_reference` (same hash mask) at `jax.default_matmul_precision("highest")`.
+`attention_reference` (same hash mask) at `jax.default_matmul_precision("highest")`. The
+'flash' rows are timed in BERT's form, `flash_attention_packed` (a packed projection in, one
+packed cotangent out).
 Prints a table: path, blocks (forward q×k, backward q×k, warps, stages), ms forward, ms forward+backward.
 """
 
@@ -54,10 +56,11 @@ def check_kernels(q, k, v, seed, blocks) -> dict[str, float]:
     return errs
 
 
-def time_path(fn, q, k, v, steps: int) -> tuple[float, float]:
-    """(ms forward, ms forward + backward) of fn(q, k, v, key) with a fresh dropout key per call."""
+def time_path(fn, operands, steps: int) -> tuple[float, float]:
+    """(ms forward, ms forward + backward) of fn(*operands, key) with a fresh dropout key per
+    call, the gradient taken with respect to every operand."""
     keys = iter(jax.random.split(jax.random.key(1), 10_000))
-    return time_forward_and_grad(fn, lambda: (q, k, v, next(keys)), (0, 1, 2), steps)
+    return time_forward_and_grad(fn, lambda: (*operands, next(keys)), tuple(range(len(operands))), steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,14 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     print("check vs float32 reference (same mask, precision highest): "
           + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
 
-    rows = [("xla written-out, dropout", "-", *time_path(functools.partial(written_out, rate=RATE), q, k, v, args.steps)),
-            ("xla written-out, no dropout", "-", *time_path(functools.partial(written_out, rate=0.0), q, k, v, args.steps)),
-            ("cudnn, no dropout", "-", *time_path(functools.partial(cudnn, rate=0.0), q, k, v, args.steps))]
+    rows = [("xla written-out, dropout", "-", *time_path(functools.partial(written_out, rate=RATE), (q, k, v), args.steps)),
+            ("xla written-out, no dropout", "-", *time_path(functools.partial(written_out, rate=0.0), (q, k, v), args.steps)),
+            ("cudnn, no dropout", "-", *time_path(functools.partial(cudnn, rate=0.0), (q, k, v), args.steps))]
+    slots = {flash.KEY: k, flash.VALUE: v, flash.QUERY: q}
+    packed = (jnp.stack([slots[i] for i in range(3)], axis=2), jnp.zeros((3, args.heads, args.depth), jnp.float32))
     # The first setting also without dropout: what the in-kernel mask costs.
     for rate, s in [(RATE, s) for s in settings] + [(0.0, settings[0])]:
         name = "flash, dropout" if rate else "flash, no dropout"
-        fn = lambda q, k, v, key, s=s, rate=rate: flash.flash_attention(q, k, v, flash.seed_from_key(key), rate, s)
-        rows.append(kernel_row(name, str(s), lambda fn=fn: time_path(fn, q, k, v, args.steps)))
+        fn = lambda kvq, bias, key, s=s, rate=rate: flash.flash_attention_packed(kvq, bias, flash.seed_from_key(key), rate, s)
+        rows.append(kernel_row(name, str(s), lambda fn=fn: time_path(fn, packed, args.steps)))
     print_kernel_table("blocks fwd q×k, bwd q×k, warps, stages", rows)
     return 0
 

@@ -14,7 +14,8 @@ import flax.linen as nn
 
 from mtjax.config import BertConfig
 from mtjax.models import fused_add_norm
-from mtjax.models.attention import Dense, DenseParams, dot_product_attention, split_heads
+from mtjax.models import flash_attention as flash
+from mtjax.models.attention import Dense, DenseParams, dot_product_attention, packed_self_attention, split_heads
 from mtjax.models.dropout import Dropout
 
 
@@ -61,6 +62,8 @@ class BertSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         c = self.config
+        if c.attention_impl == "flash" and not deterministic and c.attention_probs_dropout_prob > 0:
+            return self._packed_flash(x)
         dense = lambda name: Dense(c.hidden_size, dtype=self.dtype, name=name)
         q = split_heads(dense("query")(x), c.num_attention_heads)
         k = split_heads(dense("key")(x), c.num_attention_heads)
@@ -73,6 +76,23 @@ class BertSelfAttention(nn.Module):
         return dot_product_attention(q, k, v, bias=None, dropout=dropout, deterministic=deterministic,
                                      implementation=c.attention_impl, remat_probs=c.remat_attention_probs,
                                      dropout_rng=mask_rng)
+
+
+    def _packed_flash(self, x: jax.Array) -> jax.Array:
+        """Training with 'flash': one matmul x·[W_k | W_v | W_q] (the three Dense layers'
+        parameters) whose packed cotangent the kernels write (flash_attention.py)."""
+        c = self.config
+        b, l, _ = x.shape
+        heads, depth = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        names = {flash.KEY: "key", flash.VALUE: "value", flash.QUERY: "query"}
+        params = [DenseParams(c.hidden_size, name=names[slot])(x.shape[-1]) for slot in sorted(names)]
+        kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(self.dtype)
+        kvq = jax.lax.dot_general(x.astype(self.dtype), kernel, (((2,), (0,)), ((), ())))
+        bias = jnp.stack([bias for _, bias in params]).reshape(3, heads, depth)
+        seed = flash.seed_from_key(self.make_rng("dropout"))
+        out = packed_self_attention(kvq.reshape(b, l, 3, heads, depth), bias, seed,
+                                    c.attention_probs_dropout_prob)
+        return out.reshape(b, l, c.hidden_size)
 
 
 class BertAddNorm(nn.Module):

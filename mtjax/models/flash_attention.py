@@ -16,6 +16,11 @@ of `nn.Dropout`'s threefry draw: same distribution (keep with 1 − rate, scale 
 computed outside the kernels. `attention_reference` computes the same function written
 out (the fallback off GPU, and the tests' reference).
 
+BERT calls them on its packed projection (`flash_attention_packed`): one matmul
+x·[W_k | W_v | W_q] gives (B, L, 3, H, d); the backward kernels write dK, dV and dQ into one
+packed cotangent of that shape (the dK/dV kernel its KEY and VALUE slots, the dQ kernel the
+QUERY slot of the same buffer), so the input gradient is one matmul and no three-way sum.
+
 Under batch sharding (mtjax/parallel.py) each kernel call is a `custom_partitioning`
 operation split along the batch alone: each device runs the kernels on its own examples,
 with their seeds, so a sharded step computes exactly the one-device function. (XLA's SPMD
@@ -42,6 +47,13 @@ from mtjax.models.batch_parallel import batch_parallel
 # once per layer and step from the layer's dropout key).
 from mtjax.models.dropout import UNIFORM_BITS, hash32 as _hash32, keep_threshold
 from mtjax.models.dropout import seed_from_key  # noqa: F401  (re-exported: attention.py's seed)
+
+# Run the kernels in Pallas' interpreter (tests that drive the model path on the CPU).
+INTERPRET = False
+
+# Slots of the packed projection (B, L, 3, H, d): key and value first, so that the dK/dV
+# kernel writes one (block, 2, d) tile of the packed cotangent.
+KEY, VALUE, QUERY = 0, 1, 2
 
 # Large finite instead of −inf for keys past the sequence: exp() of it is 0, and no inf − inf appears.
 _MASKED = -1e30
@@ -75,6 +87,12 @@ def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, k_len: int, r
         return jax.vmap(lambda h: _keep(_row_keys(batch_seed, h, rows), cols, rate))(head_ids)
 
     return jax.vmap(example)(_batch_seeds(seed, batch))
+
+
+def unpack(kvq: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q, k, v), each (B, L, H, d), from the packed projection and its (3, H, d) bias, added
+    in kvq's dtype as a Dense layer adds it."""
+    return tuple(kvq[:, :, slot] + bias[slot].astype(kvq.dtype) for slot in (QUERY, KEY, VALUE))
 
 
 def attention_reference(q, k, v, seed, rate: float):
@@ -162,7 +180,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, *, scale
     return p_dropped, p * (dp - delta[:, None])
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dkv_ref, *,
                  scale, rate, seq_len, padded_len, block_q, block_k):
     j, h = pl.program_id(0), pl.program_id(2)
     cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -187,12 +205,15 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, padded_len // block_q, body, (zeros, zeros))
-    _store(dk_ref, (dk * scale).astype(dk_ref.dtype), col_ok2)
-    _store(dv_ref, dv.astype(dv_ref.dtype), col_ok2)
+    # dkv_ref: this block's (block_k, 2, d) tile of the packed cotangent, slots KEY and VALUE.
+    _store(dkv_ref.at[:, jnp.int32(KEY), :], (dk * scale).astype(dkv_ref.dtype), col_ok2)
+    _store(dkv_ref.at[:, jnp.int32(VALUE), :], dv.astype(dkv_ref.dtype), col_ok2)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _dkv_ref, dq_ref, *,
                scale, rate, seq_len, padded_len, block_q, block_k):
+    # _dkv_ref: the packed cotangent holding dK and dV, aliased to the output and never read:
+    # this kernel fills its QUERY slot.
     i, h = pl.program_id(0), pl.program_id(2)
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     row_ok = _in_sequence(rows, seq_len, padded_len)
@@ -272,12 +293,25 @@ class _Plan:
     def grid(self, block):
         return (self.padded_len // block, self.batch, self.heads)
 
+    def packed_block(self, size, slot):
+        """(None, size, None, None, d) blocks of one slot of a packed (B, L, 3, H, d) array."""
+        return pl.BlockSpec((None, size, None, None, self.depth), lambda n, b, h: (b, n, slot, h, 0))
+
+    def key_value_block(self, size):
+        """(None, size, 2, None, d): the KEY and VALUE slots of a packed array together."""
+        return pl.BlockSpec((None, size, 2, None, self.depth), lambda n, b, h: (b, n, 0, h, 0))
+
+    def packed_shape(self, seq_len):
+        return (self.batch, seq_len, 3, self.heads, self.depth)
+
 
 # The (B,) per-example seeds: each program reads its example's one.
 _SEED_SPEC = pl.BlockSpec((1,), lambda n, b, h: (b,))
 
 
 _BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l, b h l"  # seeds, q, k, v, dO, lse, delta
+# Shardy wants the factors that must not be split in order of first appearance.
+_BWD_FACTORS = ("l", "h", "d", "s")
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,35 +337,56 @@ def _dkdv_op(rate: float, blocks: Blocks, interpret: bool):
     def call(batch_seeds, q, k, v, do, lse, delta):
         plan = _Plan(q.shape, rate, blocks, interpret)
         bq, bk = blocks.bwd_q, blocks.bwd_k
-        return tuple(pl.pallas_call(
+        return (pl.pallas_call(
             functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bk),
             in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
                       plan.whole_rows(), plan.whole_stats(), plan.whole_stats()],
-            out_specs=[plan.row_block(bk), plan.row_block(bk)],
-            out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+            # The packed cotangent: this kernel writes its KEY and VALUE slots, the dQ kernel the rest.
+            out_specs=plan.key_value_block(bk),
+            out_shape=jax.ShapeDtypeStruct(plan.packed_shape(k.shape[1]), k.dtype),
             name="flash_attention_dkdv", **plan.call_args,
-        )(batch_seeds, q, k, v, do, lse, delta))
+        )(batch_seeds, q, k, v, do, lse, delta),)
 
-    return batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d, b l h d", ("l", "h", "d"))
+    return batch_parallel(call, f"{_BWD_OPERANDS} -> b l s h d", _BWD_FACTORS)
 
 
 @functools.lru_cache(maxsize=None)
 def _dq_op(rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, q, k, v, do, lse, delta):
+    def call(batch_seeds, q, k, v, do, lse, delta, dkv):
         plan = _Plan(q.shape, rate, blocks, interpret)
         bq, bk = blocks.bwd_q, blocks.bwd_k
         return (pl.pallas_call(
             functools.partial(_dq_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bq),
             in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows(),
-                      plan.row_block(bq), plan.stats_block(bq), plan.stats_block(bq)],
-            out_specs=plan.row_block(bq),
-            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                      plan.row_block(bq), plan.stats_block(bq), plan.stats_block(bq),
+                      plan.packed_block(bq, QUERY)],
+            out_specs=plan.packed_block(bq, QUERY),
+            out_shape=jax.ShapeDtypeStruct(dkv.shape, dkv.dtype),
+            input_output_aliases={7: 0},  # dkv (operand 7) is the output: dQ goes into its QUERY slot
             name="flash_attention_dq", **plan.call_args,
-        )(batch_seeds, q, k, v, do, lse, delta),)
+        )(batch_seeds, q, k, v, do, lse, delta, dkv),)
 
-    return batch_parallel(call, f"{_BWD_OPERANDS} -> b l h d", ("l", "h", "d"))
+    return batch_parallel(call, f"{_BWD_OPERANDS}, b l s h d -> b l s h d", _BWD_FACTORS)
+
+
+def _packed_cotangent(rate, blocks, interpret, residuals, d_out):
+    """The (B, L, 3, H, d) cotangent of the packed projection: dK, dV, dQ in their slots."""
+    q, k, v, seed, out, lse = residuals
+    delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    operands = (_batch_seeds(seed, q.shape[0]), q, k, v, d_out, lse, delta)
+    (dkv,) = _dkdv_op(rate, blocks, interpret)(*operands)
+    (dkvq,) = _dq_op(rate, blocks, interpret)(*operands, dkv)
+    return dkvq
+
+
+def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
+    out, lse = _fwd_op(rate, blocks, interpret)(_batch_seeds(seed, q.shape[0]), q, k, v)
+    return out, (q, k, v, seed, out, lse)
+
+
+_NO_SEED_GRADIENT = lambda seed: np.zeros(seed.shape, jax.dtypes.float0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -344,18 +399,32 @@ def flash_attention(q, k, v, seed, rate: float = 0.0, blocks: Blocks = Blocks(),
     return _flash_fwd(q, k, v, seed, rate, blocks, interpret)[0]
 
 
-def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
-    out, lse = _fwd_op(rate, blocks, interpret)(_batch_seeds(seed, q.shape[0]), q, k, v)
-    return out, (q, k, v, seed, out, lse)
-
-
 def _flash_bwd(rate, blocks, interpret, residuals, d_out):
-    q, k, v, seed, out, lse = residuals
-    delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    operands = (_batch_seeds(seed, q.shape[0]), q, k, v, d_out, lse, delta)
-    dk, dv = _dkdv_op(rate, blocks, interpret)(*operands)
-    (dq,) = _dq_op(rate, blocks, interpret)(*operands)
-    return dq, dk, dv, np.zeros(seed.shape, jax.dtypes.float0)
+    dkvq = _packed_cotangent(rate, blocks, interpret, residuals, d_out)
+    return dkvq[:, :, QUERY], dkvq[:, :, KEY], dkvq[:, :, VALUE], _NO_SEED_GRADIENT(residuals[3])
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def flash_attention_packed(kvq, bias, seed, rate: float = 0.0, blocks: Blocks = Blocks(), interpret: bool = False):
+    """`flash_attention` on a packed projection: kvq (B, L, 3, H, d) holds key, value and
+    query (slots KEY, VALUE, QUERY) before their (3, H, d) bias, which is added in kvq's
+    dtype (`unpack`). Gradients: one packed cotangent, and the bias's summed in float32."""
+    return _packed_fwd(kvq, bias, seed, rate, blocks, interpret)[0]
+
+
+def _packed_fwd(kvq, bias, seed, rate, blocks, interpret):
+    out, residuals = _flash_fwd(*unpack(kvq, bias), seed, rate, blocks, interpret)
+    return out, (residuals, bias)
+
+
+def _packed_bwd(rate, blocks, interpret, residuals, d_out):
+    flash_residuals, bias = residuals
+    dkvq = _packed_cotangent(rate, blocks, interpret, flash_residuals, d_out)
+    d_bias = jnp.sum(dkvq.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype)
+    return dkvq, d_bias, _NO_SEED_GRADIENT(flash_residuals[3])
+
+
+flash_attention_packed.defvjp(_packed_fwd, _packed_bwd)
