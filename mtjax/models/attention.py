@@ -35,6 +35,12 @@ def add_dense_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + bias.astype(y.dtype) if y.dtype == bias.dtype else _add_bias(y, bias)
 
 
+def dense_matmul(inputs: jax.Array, kernel: jax.Array, dtype, precision=None) -> jax.Array:
+    """`Dense`'s matmul (no bias): inputs (..., in) · kernel (in, out), both cast to `dtype`."""
+    return jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype),
+                               (((inputs.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
 class Dense(nn.Dense):
     """`nn.Dense` (same parameters, same forward) whose bias gradient accumulates in
     float32 when the compute dtype is lower; identical to `nn.Dense` in float32."""
@@ -44,8 +50,7 @@ class Dense(nn.Dense):
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         dtype = jnp.dtype(self.dtype or jnp.result_type(inputs, kernel))
-        y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype),
-                                (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        y = dense_matmul(inputs, kernel, dtype, self.precision)
         return y if bias is None else add_dense_bias(y, bias)
 
 

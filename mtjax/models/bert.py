@@ -15,7 +15,8 @@ import flax.linen as nn
 from mtjax.config import BertConfig
 from mtjax.models import fused_add_norm
 from mtjax.models import flash_attention as flash
-from mtjax.models.attention import Dense, DenseParams, dot_product_attention, packed_self_attention, split_heads
+from mtjax.models.attention import (Dense, DenseParams, dense_matmul, dot_product_attention, packed_self_attention,
+                                    split_heads)
 from mtjax.models.dropout import Dropout
 
 
@@ -77,7 +78,6 @@ class BertSelfAttention(nn.Module):
                                      implementation=c.attention_impl, remat_probs=c.remat_attention_probs,
                                      dropout_rng=mask_rng)
 
-
     def _packed_flash(self, x: jax.Array) -> jax.Array:
         """Training with 'flash': one matmul x·[W_k | W_v | W_q] (the three Dense layers'
         parameters) whose packed cotangent the kernels write (flash_attention.py)."""
@@ -86,8 +86,7 @@ class BertSelfAttention(nn.Module):
         heads, depth = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         names = {flash.KEY: "key", flash.VALUE: "value", flash.QUERY: "query"}
         params = [DenseParams(c.hidden_size, name=names[slot])(x.shape[-1]) for slot in sorted(names)]
-        kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(self.dtype)
-        kvq = jax.lax.dot_general(x.astype(self.dtype), kernel, (((2,), (0,)), ((), ())))
+        kvq = dense_matmul(x, jnp.concatenate([k for k, _ in params], axis=1), self.dtype)
         bias = jnp.stack([bias for _, bias in params]).reshape(3, heads, depth)
         seed = flash.seed_from_key(self.make_rng("dropout"))
         out = packed_self_attention(kvq.reshape(b, l, 3, heads, depth), bias, seed,
@@ -111,8 +110,7 @@ class BertAddNorm(nn.Module):
         if c.add_norm_impl == "fused" and fused_add_norm.use_fused_kernels(dense_out):
             # Dense's matmul; the kernel adds its bias (saving an XLA pass each way).
             kernel, dense_bias = DenseParams(c.hidden_size, name="dense")(x.shape[-1])
-            y = jax.lax.dot_general(x.astype(dense_dtype), kernel.astype(dense_dtype),
-                                    (((x.ndim - 1,), (0,)), ((), ())))
+            y = dense_matmul(x, kernel, dense_dtype)
             rate = 0.0 if deterministic else c.hidden_dropout_prob
             dropout = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)
             seed = dropout.hash_seed() if rate > 0 else jnp.int32(0)

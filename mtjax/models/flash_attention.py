@@ -386,7 +386,9 @@ def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
     return out, (q, k, v, seed, out, lse)
 
 
-_NO_SEED_GRADIENT = lambda seed: np.zeros(seed.shape, jax.dtypes.float0)
+def _no_gradient(seed):
+    """The integer seed's (empty) cotangent."""
+    return np.zeros(seed.shape, jax.dtypes.float0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -401,7 +403,7 @@ def flash_attention(q, k, v, seed, rate: float = 0.0, blocks: Blocks = Blocks(),
 
 def _flash_bwd(rate, blocks, interpret, residuals, d_out):
     dkvq = _packed_cotangent(rate, blocks, interpret, residuals, d_out)
-    return dkvq[:, :, QUERY], dkvq[:, :, KEY], dkvq[:, :, VALUE], _NO_SEED_GRADIENT(residuals[3])
+    return dkvq[:, :, QUERY], dkvq[:, :, KEY], dkvq[:, :, VALUE], _no_gradient(residuals[3])
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
@@ -424,7 +426,7 @@ def _packed_bwd(rate, blocks, interpret, residuals, d_out):
     flash_residuals, bias = residuals
     dkvq = _packed_cotangent(rate, blocks, interpret, flash_residuals, d_out)
     d_bias = jnp.sum(dkvq.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype)
-    return dkvq, d_bias, _NO_SEED_GRADIENT(flash_residuals[3])
+    return dkvq, d_bias, _no_gradient(flash_residuals[3])
 
 
 flash_attention_packed.defvjp(_packed_fwd, _packed_bwd)
