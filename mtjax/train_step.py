@@ -79,12 +79,11 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     def update(updates, state, params=None):
         finite = jnp.isfinite(optax.global_norm(updates))
         new_updates, inner_state = inner.update(updates, state.inner_state, params)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        count_skip = lambda n: jnp.where(finite, n, optax.safe_increment(n))
-        return keep(new_updates, optax.tree.zeros_like(updates)), optax.ApplyIfFiniteState(
+        return _select(finite, new_updates, optax.tree.zeros_like(updates)), optax.ApplyIfFiniteState(
             notfinite_count=jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)),
-            last_finite=finite, total_notfinite=count_skip(state.total_notfinite),
-            inner_state=keep(inner_state, state.inner_state))
+            last_finite=finite,
+            total_notfinite=jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
+            inner_state=_select(finite, inner_state, state.inner_state))
 
     return optax.GradientTransformation(init, update)
 
