@@ -220,13 +220,15 @@ def test_model_with_fused_add_norm_trains_as_the_hash_dropout_model(monkeypatch)
     for (path, gk), gw in zip(jax.tree_util.tree_leaves_with_path(grads_k), jax.tree.leaves(grads_w)):
         diff = float(jnp.max(jnp.abs(gk - gw)))
         # float32; the kernels' two-pass variance and LayerNorm backward round differently from
-        # flax's LayerNorm (measured: ≤ 4.7e-5 of each BERT leaf's largest gradient with these
-        # dense biases, ≤ 1.5e-5 with zero ones), and the heads' train-mode BatchNorm over 2 clips
-        # amplifies that (≤ 8e-6 of the largest gradient).
+        # flax's LayerNorm (measured: ≤ 1.6e-4 of each BERT leaf's largest gradient with these
+        # dense biases and this mask — 4.7e-5 with the earlier per-element hash's, which dropped
+        # other elements — ≤ 1.5e-5 with zero biases), and the heads' train-mode BatchNorm over
+        # 2 clips amplifies that (≤ 8e-6 of the largest gradient). A wrong mask or bias moves
+        # the loss itself far past its 1e-6 above.
         # (The attention key bias has no gradient in exact arithmetic: a floor for such leaves.)
         if "bert" in jax.tree_util.keystr(path):
             leaf_scale = max(float(jnp.max(jnp.abs(gw))), 1e-4 * g_max)
-            assert diff <= 1e-4 * leaf_scale, (jax.tree_util.keystr(path), diff)
+            assert diff <= 3e-4 * leaf_scale, (jax.tree_util.keystr(path), diff)
         assert diff <= 1e-4 * g_max, (jax.tree_util.keystr(path), diff)
 
 

@@ -45,7 +45,7 @@ from mtjax.models.batch_parallel import batch_parallel
 
 # The counter hash and seed shared with the hidden-state dropout (`seed_from_key` is drawn
 # once per layer and step from the layer's dropout key).
-from mtjax.models.dropout import UNIFORM_BITS, hash32 as _hash32, keep_threshold
+from mtjax.models.dropout import column_key, hash32 as _hash32, hash_keep
 from mtjax.models.dropout import seed_from_key  # noqa: F401  (re-exported: attention.py's seed)
 
 # Run the kernels in Pallas' interpreter (tests that drive the model path on the CPU).
@@ -72,9 +72,9 @@ def _row_keys(batch_seed: jax.Array, head: jax.Array, rows: jax.Array) -> jax.Ar
 
 
 def _keep(row_keys: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
-    """(rows, cols) boolean keep-mask: P(keep) = 1 − rate (to 2⁻²⁴)."""
-    bits = lax.shift_right_logical(_hash32(row_keys[:, None] + cols[None, :]), jnp.int32(32 - UNIFORM_BITS))
-    return bits >= keep_threshold(rate)
+    """(rows, cols) boolean keep-mask: P(keep) = 1 − rate (to 2⁻²⁴). Per element only
+    `dropout.mix32` of the row key ^ the column key (the hidden dropout's row/column hash)."""
+    return hash_keep(row_keys[:, None], column_key(cols)[None, :], rate)
 
 
 def keep_mask(seed: jax.Array, batch: int, heads: int, q_len: int, k_len: int, rate: float) -> jax.Array:

@@ -10,7 +10,7 @@ pre-norm sum and writes both input cotangents and per-block partial sums of the 
 parameter gradients and of the dense bias gradient. Adding the dense bias here saves the
 separate XLA pass over the matmul output forward and its column reduction backward.
 
-The dropout mask is `dropout.hash_keep` of each element's row-major index with the seed of
+The dropout mask is `dropout.hash_keep` of each element's (row, feature) with the seed of
 the `Dropout(impl='hash')` module it replaces, so the kernels draw the very mask that module
 would, and the arithmetic follows the written-out path's roundings (the dense bias added in
 the activation dtype as `attention.Dense` adds it, the kept value divided by the keep
@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mtjax.models.attention import add_dense_bias
 from mtjax.models.batch_parallel import batch_parallel
-from mtjax.models.dropout import hash_keep, hash_keep_mask, hash_keys
+from mtjax.models.dropout import column_key, hash_keep, hash_keep_mask, hash_keys, row_key
 
 ROWS = 8        # rows per program
 NUM_WARPS = 4
@@ -77,9 +77,11 @@ def _tile(seq_len, width, block_cols):
     return rows, cols, row_ok, row_ok[:, None] & (cols < width)[None, :]
 
 
-def _keep(base_ref, seed_ref, rows, cols, width, rate):
-    k1, k2 = hash_keys(seed_ref[0])
-    return hash_keep(base_ref[0] + rows[:, None] * width + cols[None, :], k1, k2, rate)
+def _keep(base_ref, seed_ref, rows, cols, rate):
+    """The tile's mask: its rows' keys (global row index: the example's first row + the row)
+    against its columns' keys, as `hash_keep_mask` draws it on (B, L, D)."""
+    row_keys = row_key(base_ref[0] + rows, *hash_keys(seed_ref[0]))
+    return hash_keep(row_keys[:, None], column_key(cols)[None, :], rate)
 
 
 def _fwd_kernel(base_ref, seed_ref, y_ref, y_bias_ref, r_ref, scale_ref, bias_ref,
@@ -94,7 +96,7 @@ def _fwd_kernel(base_ref, seed_ref, y_ref, y_bias_ref, r_ref, scale_ref, bias_re
     y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)[None, :]).astype(dtype)
     if rate > 0:
         dropped = (y.astype(jnp.float32) / keep_prob).astype(dtype)
-        y = jnp.where(_keep(base_ref, seed_ref, rows, cols, width, rate), dropped, jnp.zeros_like(dropped))
+        y = jnp.where(_keep(base_ref, seed_ref, rows, cols, rate), dropped, jnp.zeros_like(dropped))
     s = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(dtype)
     s32 = s.astype(jnp.float32)
     mean = jnp.sum(s32, axis=1) / width
@@ -127,7 +129,7 @@ def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_r
     plgpu.store(dr_ref, ds, mask=ok)
     if rate > 0:
         dropped = (ds.astype(jnp.float32) / keep_prob).astype(dtype)
-        dy = jnp.where(_keep(base_ref, seed_ref, rows, cols, width, rate), dropped, jnp.zeros_like(dropped))
+        dy = jnp.where(_keep(base_ref, seed_ref, rows, cols, rate), dropped, jnp.zeros_like(dropped))
     else:
         dy = ds
     plgpu.store(dy_ref, dy, mask=ok)
@@ -222,16 +224,16 @@ def add_dropout_layer_norm(y, dense_bias, residual, scale, bias, seed, rate: flo
     return _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret)[0]
 
 
-def _per_example(seed, batch, seq_len, width):
-    """Each example's first row-major index (int32, wrapping like the written-out mask's
-    iota arithmetic) and the seed, as (B,) operands: a batch shard carries its own."""
-    base = jnp.arange(batch, dtype=jnp.int32) * jnp.int32(seq_len * width)
+def _per_example(seed, batch, seq_len):
+    """Each example's first row in the mask's row index (b·L, int32) and the seed, as (B,)
+    operands: a batch shard carries its own."""
+    base = jnp.arange(batch, dtype=jnp.int32) * jnp.int32(seq_len)
     return base, jnp.broadcast_to(jnp.asarray(seed, jnp.int32), (batch,))
 
 
 def _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret):
     b, l, d = y.shape
-    base, seeds = _per_example(seed, b, l, d)
+    base, seeds = _per_example(seed, b, l)
     y_bias_b, scale_b, bias_b = (jnp.broadcast_to(p.astype(jnp.float32), (b, d)) for p in (dense_bias, scale, bias))
     out, s, mean, rstd = _fwd_op(rate, eps, interpret)(base, seeds, y, y_bias_b, residual.astype(y.dtype),
                                                        scale_b, bias_b)
