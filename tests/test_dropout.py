@@ -83,3 +83,20 @@ def test_bert_hidden_dropout_impl_changes_training_masks_only():
     assert "hidden_dropout_impl" not in hashed.to_hf_dict()  # a runtime choice, not a weight
     with pytest.raises(ConfigError, match="hidden_dropout_impl must be one of"):
         BertConfig(hidden_dropout_impl="philox")
+
+
+def _pair_correlations(mask: np.ndarray) -> np.ndarray:
+    """Correlations of every pair of rows of a 0/1 mask, standardised: N(0, 1) if independent."""
+    z = mask - mask.mean(axis=1, keepdims=True)
+    z /= z.std(axis=1, keepdims=True)
+    corr = z @ z.T / mask.shape[1]
+    return corr[~np.eye(len(mask), dtype=bool)] * math.sqrt(mask.shape[1])
+
+
+def test_row_column_hash_leaves_no_pair_of_rows_or_columns_correlated():
+    # The mask is mix32(row key ^ column key): every pair of rows (and of columns) shares the
+    # other side's keys. A one-multiply finisher fails this (variance ~1.3, max ~35 σ).
+    mask = np.asarray(hash_keep_mask(jnp.int32(5), (512, 2048), 0.1), np.float64)
+    for pairs in (_pair_correlations(mask), _pair_correlations(mask[:, :512].T)):
+        assert abs(pairs.var() - 1) < 0.05, pairs.var()  # ~130,000 pairs: σ of the variance ≈ 0.004
+        assert np.abs(pairs).max() < 6.5, np.abs(pairs).max()
