@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--depth", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--blocks", default="128x64x64x64x4x2,64x64x64x64x4x2,128x64x64x32x4x2,128x64x32x64x4x2",
+    p.add_argument("--blocks", default="128x64x64x64x4x3,128x64x64x64x4x2,64x64x64x64x4x3,128x64x64x32x4x3",
                    help="comma-separated 'flash' settings: fwd_q x fwd_k x bwd_q x bwd_k x warps x stages")
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu":

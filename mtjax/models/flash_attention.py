@@ -240,18 +240,20 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _dkv_r
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """Tile sizes (powers of two) and Triton launch settings. The defaults are the fastest
-    of those timed on an H100 at BERT-base shape (`python -m mtjax.bench_attention`)."""
+    of those timed on an H100 at BERT-base shape (`python -m mtjax.bench_attention`); three
+    pipeline stages instead of two were 0.2–0.4 ms faster per b32 train step in four
+    alternating pairs (docs/perf_notes.md, change 32)."""
 
     fwd_q: int = 128
     fwd_k: int = 64
     bwd_q: int = 64
     bwd_k: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     @classmethod
     def parse(cls, text: str) -> "Blocks":
-        """'128x64x64x64x4x2' (fwd_q x fwd_k x bwd_q x bwd_k x warps x stages)."""
+        """'128x64x64x64x4x3' (fwd_q x fwd_k x bwd_q x bwd_k x warps x stages)."""
         return cls(*(int(n) for n in text.split("x")))
 
     def __str__(self) -> str:
