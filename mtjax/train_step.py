@@ -77,7 +77,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
             total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
     def update(updates, state, params=None):
-        finite = jnp.isfinite(optax.global_norm(updates))
+        finite = jnp.isfinite(optax.tree.norm(updates))
         new_updates, inner_state = inner.update(updates, state.inner_state, params)
         return _select(finite, new_updates, optax.tree.zeros_like(updates)), optax.ApplyIfFiniteState(
             notfinite_count=jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)),
@@ -240,7 +240,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
         grads = {"model": g_model, "weighting": g_weight}
         # The global norm, as `skip_nonfinite` tests it (the same sums of squares).
-        finite = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(total) & jnp.isfinite(optax.tree.norm(grads))
         updates, opt_state = optimizer.update(grads, state.opt_state,
                                               {"model": state.params, "weighting": state.weight_params})
         new = optax.apply_updates({"model": state.params, "weighting": state.weight_params}, updates)
@@ -264,7 +264,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             reported = total + l2_coef * jax.lax.stop_gradient(l2_norm_sum(state.params))
         metrics.update(
             loss=reported, task_losses=losses, loss_weights=weighting.weights(state.weighting_state, losses),
-            grad_norm=optax.global_norm(grads["model"]), finite=finite.astype(jnp.int32),
+            grad_norm=optax.tree.norm(grads["model"]), finite=finite.astype(jnp.int32),
             learning_rate=learning_rate(state.opt_state))
         new_state = TrainState(
             step=state.step + 1,
