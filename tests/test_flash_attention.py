@@ -7,6 +7,7 @@ checked. The GPU run of the same comparison is `python -m mtjax.bench_attention`
 """
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -116,8 +117,9 @@ def test_triton_lowering_for_cuda():
 
 
 def test_packed_triton_lowering_for_cuda():
-    """BERT's form: the backward writes one packed cotangent, the dQ kernel into the dK/dV
-    kernel's output (aliased), and nothing is padded or concatenated around the kernels."""
+    """BERT's form: the backward writes one packed cotangent, the dK/dV kernel into the dQ
+    kernel's output (aliased), and nothing is padded or concatenated around the kernels, nor
+    reduced over the (B, L, ...) arrays: delta and the bias gradient's sums come from the kernels."""
     kvq = jax.ShapeDtypeStruct((2, 500, 3, 12, 64), jnp.bfloat16)
 
     def loss(kvq, bias, seed):
@@ -128,8 +130,14 @@ def test_packed_triton_lowering_for_cuda():
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(kvq, jax.ShapeDtypeStruct((3, 12, 64), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
     text = exported.mlir_module()
-    assert 'name = "flash_attention_dq"' in text and "output_operand_aliases" in text
+    calls = {name: line for line in text.splitlines() for name in re.findall(r'name = "(flash_attention_\w+)"', line)}
+    assert text.index(calls["flash_attention_dq"]) < text.index(calls["flash_attention_dkdv"])
+    assert "output_operand_aliases" in calls["flash_attention_dkdv"]
+    assert "output_operand_aliases" not in calls["flash_attention_dq"]
     assert "stablehlo.pad" not in text and "stablehlo.concatenate" not in text
+    # No einsum for delta, no reduction of the cotangent: only (B, n_blocks, ...) sums are reduced.
+    assert "stablehlo.dot_general" not in text
+    assert not re.search(r"stablehlo\.reduce\(.*tensor<2x500x", text)
 
 
 def _packed(shape, seed=0):
@@ -166,6 +174,41 @@ def test_packed_kernels_match_reference_with_biases(blocks):
         np.testing.assert_allclose(dkvq_k[:, :, slot], dkvq_r[:, :, slot], atol=3e-6)
     # The bias gradient sums 2·37 rows of the cotangent.
     np.testing.assert_allclose(dbias_k, dbias_r, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dq_kernel_computes_delta(dtype):
+    """delta = rowsum(dO ∘ O) in float32 (formerly an einsum of its own) is the dQ kernel's output."""
+    q, k, v = (x.astype(dtype) for x in _qkv((2, 37, 3, 16), seed=5))
+    d_out = jax.random.normal(jax.random.key(6), q.shape).astype(dtype)
+    # L = 37, tiles cover 64 rows (fwd_q = 32): the dQ kernel's (16-row) tiles overhang L,
+    # the last lies wholly past it, and its masked stores must leave delta's rows alone.
+    blocks, rate = flash.Blocks(fwd_q=32, fwd_k=16, bwd_q=16, bwd_k=16), 0.1
+    seeds = flash._batch_seeds(jnp.int32(3), q.shape[0])
+    out, lse = flash._fwd_op(rate, blocks, True)(seeds, q, k, v)
+    _, delta, _ = flash._dq_op(rate, blocks, True)(seeds, q, k, v, d_out, lse, out)
+    expected = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    # bfloat16 products are exact in float32: only the order of the 16-term sums differs.
+    np.testing.assert_allclose(delta, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_bias_gradient_sums_the_cotangent_as_stored(dtype):
+    """The bias gradient, summed from the kernels' per-program column sums, is the packed
+    cotangent as returned (rounded to its dtype) summed over batch and length in float32."""
+    kvq, bias = _packed((2, 37, 3, 16), seed=5)
+    # L = 37, tiles cover 64 rows: 2 dQ tiles of 32 rows and 4 dK/dV tiles of 16, each kernel's
+    # last overhanging L (the last dK/dV tile wholly past it).
+    tiles = flash.Blocks(fwd_q=16, fwd_k=16, bwd_q=32, bwd_k=16)
+    seed = flash.seed_from_key(jax.random.key(7))
+    kernel = lambda kvq, bias: flash.flash_attention_packed(kvq, bias, seed, 0.1, tiles, True)
+    out, vjp = jax.vjp(kernel, kvq.astype(dtype), bias)
+    dkvq, d_bias = vjp(jax.random.normal(jax.random.key(8), out.shape).astype(dtype))
+    assert dkvq.dtype == dtype and d_bias.dtype == bias.dtype
+    expected = jnp.sum(dkvq.astype(jnp.float32), axis=(0, 1))
+    # float32 sums of 74 terms in another order: rounding far below 1e-6 of the summed magnitudes.
+    magnitude = jnp.sum(jnp.abs(dkvq.astype(jnp.float32)), axis=(0, 1))
+    assert float(jnp.max(jnp.abs(d_bias - expected) / magnitude)) <= 1e-6
 
 
 def _model_configs():

@@ -5,7 +5,7 @@ BERT's recipe puts dropout on the attention probabilities, which neither cuDNN (
 (B, H, L, L) tensors per layer. These Pallas (Triton) kernels never store them. Forward
 and backward follow FlashAttention-2 (Dao, 2023): the forward streams key blocks with an
 online softmax and keeps only the row log-sum-exp; the backward recomputes the
-probabilities block by block (one kernel for dK/dV, one for dQ). The operands keep their
+probabilities block by block (one kernel for dQ, then one for dK/dV). The operands keep their
 length (L = 500 for HICCAP's text): the tiles overhang it and every load and store is
 masked, so no padded copies of q/k/v/dO or sliced copies of the results are made.
 
@@ -18,8 +18,12 @@ out (the fallback off GPU, and the tests' reference).
 
 BERT calls them on its packed projection (`flash_attention_packed`): one matmul
 x·[W_k | W_v | W_q] gives (B, L, 3, H, d); the backward kernels write dK, dV and dQ into one
-packed cotangent of that shape (the dK/dV kernel its KEY and VALUE slots, the dQ kernel the
-QUERY slot of the same buffer), so the input gradient is one matmul and no three-way sum.
+packed cotangent of that shape (the dQ kernel its QUERY slot, the dK/dV kernel the KEY and
+VALUE slots of the same buffer), so the input gradient is one matmul and no three-way sum.
+The backward makes no pass of its own over the (B, L, ...) arrays either: the dQ kernel
+computes the softmax backward's delta = rowsum(dO ∘ O) for its rows (the dK/dV kernel reads
+it), and every program stores the column sums of the tile it writes, from which the bias
+gradient is a small sum.
 
 Under batch sharding (mtjax/parallel.py) each kernel call is a `custom_partitioning`
 operation split along the batch alone: each device runs the kernels on its own examples,
@@ -180,8 +184,49 @@ def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, *, scale
     return p_dropped, p * (dp - delta[:, None])
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dkv_ref, *,
-                 scale, rate, seq_len, padded_len, block_q, block_k):
+def _column_sums(tile, valid):
+    """float32 column sums of a tile as stored (in the cotangent's dtype), rows past the
+    sequence counted as 0: this program's share of the packed bias's gradient. (Those rows
+    are 0 already, from the masked loads; the mask keeps the sum from relying on it.)"""
+    tile = tile.astype(jnp.float32)
+    if valid is not None:
+        tile = jnp.where(valid, tile, 0.0)
+    return jnp.sum(tile, axis=0)
+
+
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, dq_sums_ref, *,
+               scale, rate, seq_len, padded_len, block_q, block_k):
+    # dq_ref: this block's tile of the packed cotangent's QUERY slot (the dK/dV kernel, run
+    # next, fills the rest of the buffer); delta_ref: its rows' delta, which that kernel reads.
+    i, h = pl.program_id(0), pl.program_id(2)
+    rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+    row_ok = _in_sequence(rows, seq_len, padded_len)
+    row_ok2 = None if row_ok is None else row_ok[:, None]
+    q, do = _load(q_ref, row_ok2), _load(do_ref, row_ok2)
+    lse = _load(lse_ref, row_ok)
+    # delta = rowsum(dO ∘ O) in float32, here where dO is loaded anyway: no pass of its own over O.
+    delta = jnp.sum(_load(o_ref, row_ok2).astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    _store(delta_ref, delta, row_ok)
+    row_keys = _row_keys(seed_ref[0], h, rows)
+
+    def body(j, dq):
+        keys = pl.ds(j * block_k, block_k)
+        cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        col_ok = _in_sequence(cols, seq_len, padded_len)
+        col_ok2 = None if col_ok is None else col_ok[:, None]
+        k, v = _load(k_ref.at[keys, :], col_ok2), _load(v_ref.at[keys, :], col_ok2)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, scale=scale, rate=rate)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, padded_len // block_k, body, jnp.zeros(q.shape, jnp.float32))
+    dq = (dq * scale).astype(dq_ref.dtype)
+    _store(dq_ref, dq, row_ok2)
+    dq_sums_ref[...] = _column_sums(dq, row_ok2)
+
+
+def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _dkvq_ref, dkv_ref,
+                 dkv_sums_ref, *, scale, rate, seq_len, padded_len, block_q, block_k):
+    # _dkvq_ref: the packed cotangent holding dQ, aliased to dkv_ref and never read.
     j, h = pl.program_id(0), pl.program_id(2)
     cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
     col_ok = _in_sequence(cols, seq_len, padded_len)
@@ -205,34 +250,12 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dkv_
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, padded_len // block_q, body, (zeros, zeros))
-    # dkv_ref: this block's (block_k, 2, d) tile of the packed cotangent, slots KEY and VALUE.
-    _store(dkv_ref.at[:, jnp.int32(KEY), :], (dk * scale).astype(dkv_ref.dtype), col_ok2)
-    _store(dkv_ref.at[:, jnp.int32(VALUE), :], dv.astype(dkv_ref.dtype), col_ok2)
-
-
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _dkv_ref, dq_ref, *,
-               scale, rate, seq_len, padded_len, block_q, block_k):
-    # _dkv_ref: the packed cotangent holding dK and dV, aliased to the output and never read:
-    # this kernel fills its QUERY slot.
-    i, h = pl.program_id(0), pl.program_id(2)
-    rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
-    row_ok = _in_sequence(rows, seq_len, padded_len)
-    row_ok2 = None if row_ok is None else row_ok[:, None]
-    q, do = _load(q_ref, row_ok2), _load(do_ref, row_ok2)
-    lse, delta = _load(lse_ref, row_ok), _load(delta_ref, row_ok)
-    row_keys = _row_keys(seed_ref[0], h, rows)
-
-    def body(j, dq):
-        keys = pl.ds(j * block_k, block_k)
-        cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        col_ok = _in_sequence(cols, seq_len, padded_len)
-        col_ok2 = None if col_ok is None else col_ok[:, None]
-        k, v = _load(k_ref.at[keys, :], col_ok2), _load(v_ref.at[keys, :], col_ok2)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, scale=scale, rate=rate)
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
-
-    dq = lax.fori_loop(0, padded_len // block_k, body, jnp.zeros(q.shape, jnp.float32))
-    _store(dq_ref, (dq * scale).astype(dq_ref.dtype), row_ok2)
+    # dkv_ref: this block's (block_k, 2, d) tile of the packed cotangent, slots KEY and VALUE;
+    # dkv_sums_ref: their (2, d) column sums, in the same slot order.
+    for slot, tile in ((KEY, dk * scale), (VALUE, dv)):
+        tile = tile.astype(dkv_ref.dtype)
+        _store(dkv_ref.at[:, jnp.int32(slot), :], tile, col_ok2)
+        dkv_sums_ref[jnp.int32(slot), :] = _column_sums(tile, col_ok2)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -306,14 +329,20 @@ class _Plan:
     def packed_shape(self, seq_len):
         return (self.batch, seq_len, 3, self.heads, self.depth)
 
+    def sums_block(self):
+        """(d,) blocks of (B, n_blocks, H, d) column sums: one per program."""
+        return pl.BlockSpec((None, None, None, self.depth), lambda n, b, h: (b, n, h, 0))
+
+    def key_value_sums_block(self):
+        """(2, d) blocks of (B, n_blocks, 2, H, d) column sums: one per program, slots KEY and VALUE."""
+        return pl.BlockSpec((None, None, 2, None, self.depth), lambda n, b, h: (b, n, 0, h, 0))
+
+    def sums_shape(self, block, *slots):
+        return (self.batch, self.padded_len // block, *slots, self.heads, self.depth)
+
 
 # The (B,) per-example seeds: each program reads its example's one.
 _SEED_SPEC = pl.BlockSpec((1,), lambda n, b, h: (b,))
-
-
-_BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l, b h l"  # seeds, q, k, v, dO, lse, delta
-# Shardy wants the factors that must not be split in order of first appearance.
-_BWD_FACTORS = ("l", "h", "d", "s")
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,53 +363,65 @@ def _fwd_op(rate: float, blocks: Blocks, interpret: bool):
     return batch_parallel(call, "b, b l h d, b l h d, b l h d -> b l h d, b h l", ("l", "h", "d"))
 
 
-@functools.lru_cache(maxsize=None)
-def _dkdv_op(rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, q, k, v, do, lse, delta):
-        plan = _Plan(q.shape, rate, blocks, interpret)
-        bq, bk = blocks.bwd_q, blocks.bwd_k
-        return (pl.pallas_call(
-            functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
-            grid=plan.grid(bk),
-            in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
-                      plan.whole_rows(), plan.whole_stats(), plan.whole_stats()],
-            # The packed cotangent: this kernel writes its KEY and VALUE slots, the dQ kernel the rest.
-            out_specs=plan.key_value_block(bk),
-            out_shape=jax.ShapeDtypeStruct(plan.packed_shape(k.shape[1]), k.dtype),
-            name="flash_attention_dkdv", **plan.call_args,
-        )(batch_seeds, q, k, v, do, lse, delta),)
-
-    return batch_parallel(call, f"{_BWD_OPERANDS} -> b l s h d", _BWD_FACTORS)
+_BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l"  # seeds, q, k, v, dO, lse
+# Below, the factors that must not be split are listed in order of first appearance: Shardy wants that.
 
 
 @functools.lru_cache(maxsize=None)
 def _dq_op(rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, q, k, v, do, lse, delta, dkv):
+    """(seeds, q, k, v, dO, lse, O) -> the packed cotangent with dQ in its QUERY slot (the
+    other slots unwritten), delta (B, H, L) float32, and dQ's column sums (B, n_q, H, d)."""
+    def call(batch_seeds, q, k, v, do, lse, out):
         plan = _Plan(q.shape, rate, blocks, interpret)
         bq, bk = blocks.bwd_q, blocks.bwd_k
-        return (pl.pallas_call(
+        return tuple(pl.pallas_call(
             functools.partial(_dq_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bq),
             in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows(),
-                      plan.row_block(bq), plan.stats_block(bq), plan.stats_block(bq),
-                      plan.packed_block(bq, QUERY)],
-            out_specs=plan.packed_block(bq, QUERY),
-            out_shape=jax.ShapeDtypeStruct(dkv.shape, dkv.dtype),
-            input_output_aliases={7: 0},  # dkv (operand 7) is the output: dQ goes into its QUERY slot
+                      plan.row_block(bq), plan.stats_block(bq), plan.row_block(bq)],
+            out_specs=[plan.packed_block(bq, QUERY), plan.stats_block(bq), plan.sums_block()],
+            out_shape=[jax.ShapeDtypeStruct(plan.packed_shape(q.shape[1]), q.dtype),
+                       jax.ShapeDtypeStruct(lse.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(plan.sums_shape(bq), jnp.float32)],
             name="flash_attention_dq", **plan.call_args,
-        )(batch_seeds, q, k, v, do, lse, delta, dkv),)
+        )(batch_seeds, q, k, v, do, lse, out))
 
-    return batch_parallel(call, f"{_BWD_OPERANDS}, b l s h d -> b l s h d", _BWD_FACTORS)
+    return batch_parallel(call, f"{_BWD_OPERANDS}, b l h d -> b l s h d, b h l, b n h d",
+                          ("l", "h", "d", "s", "n"))
+
+
+@functools.lru_cache(maxsize=None)
+def _dkdv_op(rate: float, blocks: Blocks, interpret: bool):
+    """(seeds, q, k, v, dO, lse, delta, packed cotangent from `_dq_op`) -> that cotangent with
+    dK and dV in its KEY and VALUE slots (written in place), and their column sums (B, n_k, 2, H, d)."""
+    def call(batch_seeds, q, k, v, do, lse, delta, dkvq):
+        plan = _Plan(q.shape, rate, blocks, interpret)
+        bq, bk = blocks.bwd_q, blocks.bwd_k
+        return tuple(pl.pallas_call(
+            functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
+            grid=plan.grid(bk),
+            in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
+                      plan.whole_rows(), plan.whole_stats(), plan.whole_stats(), plan.key_value_block(bk)],
+            out_specs=[plan.key_value_block(bk), plan.key_value_sums_block()],
+            out_shape=[jax.ShapeDtypeStruct(dkvq.shape, dkvq.dtype),
+                       jax.ShapeDtypeStruct(plan.sums_shape(bk, 2), jnp.float32)],
+            input_output_aliases={7: 0},  # dkvq (operand 7) is output 0: dK, dV go into its KEY, VALUE slots
+            name="flash_attention_dkdv", **plan.call_args,
+        )(batch_seeds, q, k, v, do, lse, delta, dkvq))
+
+    return batch_parallel(call, f"{_BWD_OPERANDS}, b h l, b l s h d -> b l s h d, b n kv h d",
+                          ("l", "h", "d", "s", "n", "kv"))
 
 
 def _packed_cotangent(rate, blocks, interpret, residuals, d_out):
-    """The (B, L, 3, H, d) cotangent of the packed projection: dK, dV, dQ in their slots."""
+    """The (B, L, 3, H, d) cotangent of the packed projection (dK, dV, dQ in their slots) and
+    the kernels' float32 column sums of it, per program: (B, n_q, H, d) of the QUERY slot and
+    (B, n_k, 2, H, d) of the KEY and VALUE slots."""
     q, k, v, seed, out, lse = residuals
-    delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    operands = (_batch_seeds(seed, q.shape[0]), q, k, v, d_out, lse, delta)
-    (dkv,) = _dkdv_op(rate, blocks, interpret)(*operands)
-    (dkvq,) = _dq_op(rate, blocks, interpret)(*operands, dkv)
-    return dkvq
+    operands = (_batch_seeds(seed, q.shape[0]), q, k, v, d_out, lse)
+    dkvq, delta, dq_sums = _dq_op(rate, blocks, interpret)(*operands, out)
+    dkvq, dkv_sums = _dkdv_op(rate, blocks, interpret)(*operands, delta, dkvq)
+    return dkvq, dq_sums, dkv_sums
 
 
 def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
@@ -404,7 +445,7 @@ def flash_attention(q, k, v, seed, rate: float = 0.0, blocks: Blocks = Blocks(),
 
 
 def _flash_bwd(rate, blocks, interpret, residuals, d_out):
-    dkvq = _packed_cotangent(rate, blocks, interpret, residuals, d_out)
+    dkvq, _, _ = _packed_cotangent(rate, blocks, interpret, residuals, d_out)  # no bias: no sums needed
     return dkvq[:, :, QUERY], dkvq[:, :, KEY], dkvq[:, :, VALUE], _no_gradient(residuals[3])
 
 
@@ -424,11 +465,19 @@ def _packed_fwd(kvq, bias, seed, rate, blocks, interpret):
     return out, (residuals, bias)
 
 
+def _bias_gradient(dq_sums, dkv_sums):
+    """The packed bias's (3, H, d) float32 gradient, the cotangent summed over batch and
+    length, from the kernels' per-program column sums: a sum over (B, n_blocks) only. Placed
+    into its slots, not concatenated (KEY, VALUE are slots 0 and 1, as `key_value_block` has them)."""
+    d_bias = jnp.zeros((3, *dq_sums.shape[2:]), jnp.float32)
+    d_bias = d_bias.at[QUERY].set(jnp.sum(dq_sums, axis=(0, 1)))
+    return d_bias.at[KEY:VALUE + 1].set(jnp.sum(dkv_sums, axis=(0, 1)))
+
+
 def _packed_bwd(rate, blocks, interpret, residuals, d_out):
     flash_residuals, bias = residuals
-    dkvq = _packed_cotangent(rate, blocks, interpret, flash_residuals, d_out)
-    d_bias = jnp.sum(dkvq.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype)
-    return dkvq, d_bias, _no_gradient(flash_residuals[3])
+    dkvq, dq_sums, dkv_sums = _packed_cotangent(rate, blocks, interpret, flash_residuals, d_out)
+    return dkvq, _bias_gradient(dq_sums, dkv_sums).astype(bias.dtype), _no_gradient(flash_residuals[3])
 
 
 flash_attention_packed.defvjp(_packed_fwd, _packed_bwd)
