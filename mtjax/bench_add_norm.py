@@ -1,16 +1,20 @@
 """BERT's add-norm (dense bias → dropout → + residual → LayerNorm) alone on the GPU: fused kernels vs written out.
 
-    python -m mtjax.bench_add_norm [--batch 32] [--seq 500] [--width 768] [--rows 4,8,16] [--warps 4,8]
+    python -m mtjax.bench_add_norm [--batch 32] [--seq 500] [--width 768] [--rows 4,8,16] [--blocks 1,2,4,8]
+        [--warps 4,8]
 
 First checks the kernels on this GPU against `add_norm_reference` with the same hash mask
 and a nonzero dense bias (float32 operands, then bf16), then times forward and forward +
 backward of one add-norm in bf16 with dropout 0.1 (its dense bias and its gradient included),
-written out by XLA and fused at each rows-per-program / warps setting.
+written out by XLA and fused at each setting of rows per block (`ROWS`), blocks per program
+(`BLOCKS_PER_PROGRAM`: each program loops over that many blocks) and warps. The check runs
+the module's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import jax
@@ -47,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=500)
     p.add_argument("--width", type=int, default=768)
-    p.add_argument("--rows", default="4,8,16")
-    p.add_argument("--warps", default="4,8")
+    p.add_argument("--rows", default="4,8,16", help="rows per block (ROWS), comma-separated")
+    p.add_argument("--blocks", default="1,2,4,8", help="blocks per program (BLOCKS_PER_PROGRAM), comma-separated")
+    p.add_argument("--warps", default="4,8", help="warps per program (NUM_WARPS), comma-separated")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -67,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     seed = jnp.int32(5)
     argnums = tuple(range(len(operands)))
     rows = [("xla written-out", "-", *time_forward_and_grad(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), lambda: operands, argnums, args.steps))]
-    for n_rows in (int(x) for x in args.rows.split(",")):
-        for warps in (int(x) for x in args.warps.split(",")):
-            fused.ROWS, fused.NUM_WARPS = n_rows, warps
-            fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
-            fn = lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS)
-            rows.append(kernel_row("fused", f"{n_rows}x{warps}",
-                                   lambda: time_forward_and_grad(fn, lambda: operands, argnums, args.steps)))
-    print_kernel_table("rows per program × warps", rows)
+    settings = itertools.product(*(map(int, s.split(",")) for s in (args.rows, args.blocks, args.warps)))
+    for n_rows, blocks, warps in settings:
+        fused.ROWS, fused.BLOCKS_PER_PROGRAM, fused.NUM_WARPS = n_rows, blocks, warps
+        fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
+        fn = lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS)
+        rows.append(kernel_row("fused", f"{n_rows}x{blocks}x{warps}",
+                               lambda: time_forward_and_grad(fn, lambda: operands, argnums, args.steps)))
+    print_kernel_table("rows per block × blocks per program × warps", rows)
     return 0
 
 

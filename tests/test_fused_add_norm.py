@@ -43,9 +43,7 @@ def _operands(shape, dtype=jnp.float32, seed=0):
             1.0 + 0.1 * jax.random.normal(ks, (d,)), 0.1 * jax.random.normal(kb, (d,)))
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.1])
-@pytest.mark.parametrize("shape", [(2, 13, 24), (3, 8, 40)])  # rows and features off the tiles
-def test_kernels_match_the_written_out_function(rate, shape):
+def _compare_with_the_written_out_function(shape, rate):
     operands = _operands(shape)
     seed = jnp.int32(1234)
     kernel = lambda *a: fused.add_dropout_layer_norm(*a, seed, rate, 1e-12, True)
@@ -60,6 +58,57 @@ def test_kernels_match_the_written_out_function(rate, shape):
         # The mask is drawn: some dense outputs have no gradient, about `rate` of them.
         dropped = float(jnp.mean(vjp_k(cotangent)[0] == 0))
         assert 0.0 < dropped < 0.3
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(2, 13, 24), (3, 8, 40)])  # rows and features off the tiles
+def test_kernels_match_the_written_out_function(rate, shape):
+    _compare_with_the_written_out_function(shape, rate)
+
+
+def _rebuild_ops():
+    fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    """launch(rows, blocks): the kernels' ROWS and BLOCKS_PER_PROGRAM for one test."""
+    def set_launch(rows, blocks):
+        monkeypatch.setattr(fused, "ROWS", rows)
+        monkeypatch.setattr(fused, "BLOCKS_PER_PROGRAM", blocks)
+        _rebuild_ops()
+
+    yield set_launch
+    _rebuild_ops()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_programs_of_several_blocks_match_the_written_out_function(launch, rate):
+    """Programs of 4 blocks of 4 rows over 37 rows: the third program's first block in the
+    sequence, its second one row in, its last two past the end."""
+    launch(rows=4, blocks=4)
+    _compare_with_the_written_out_function((2, 37, 40), rate)
+
+
+def _partial_sums_shape(shape):
+    b, l, d = shape
+    x, stats, features = (jax.ShapeDtypeStruct(s, t) for s, t in
+                          (((b, l, d), jnp.bfloat16), ((b, l), jnp.float32), ((b, d), jnp.float32)))
+    example = jax.ShapeDtypeStruct((b,), jnp.int32)
+    outs = jax.eval_shape(fused._bwd_op(0.1, False), example, example, x, x, stats, stats, features)
+    assert len({o.shape for o in outs[2:]}) == 1
+    return outs[2].shape
+
+
+def test_the_backward_stores_one_partial_sum_per_program(launch):
+    """The parameter gradients' partial sums are summed across each program's blocks: XLA
+    reduces (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, D), not one row per block of ROWS."""
+    # BERT's shape, the module's settings: several blocks per program.
+    rows_per_program = fused.ROWS * fused.BLOCKS_PER_PROGRAM
+    assert _partial_sums_shape((32, 500, 768)) == (32, -(-500 // rows_per_program), 768)
+    assert rows_per_program > fused.ROWS
+    launch(rows=4, blocks=4)
+    assert _partial_sums_shape((2, 37, 40)) == (2, 3, 40)
 
 
 def test_bf16_follows_the_written_out_roundings():

@@ -6,9 +6,10 @@ more backward; 24 add-norms a step make it one of the largest elementwise costs 
 train step. These Pallas (Triton) kernels read each row once: the forward reads the dense
 layer's matmul output and the residual, adds the dense bias, and writes the output, the
 pre-norm sum and the row statistics; the backward reads the output cotangent and the
-pre-norm sum and writes both input cotangents and per-block partial sums of the LayerNorm
-parameter gradients and of the dense bias gradient. Adding the dense bias here saves the
-separate XLA pass over the matmul output forward and its column reduction backward.
+pre-norm sum and writes both input cotangents and per-program partial sums of the LayerNorm
+parameter gradients and of the dense bias gradient (XLA adds those up). Adding the dense bias
+here saves the separate XLA pass over the matmul output forward and its column reduction
+backward.
 
 The dropout mask is `dropout.hash_keep` of each element's (row, feature) with the seed of
 the `Dropout(impl='hash')` module it replaces, so the kernels draw the very mask that module
@@ -17,8 +18,14 @@ the activation dtype as `attention.Dense` adds it, the kept value divided by the
 probability in that dtype, the sum rounded to it, float32 statistics, the dense bias
 gradient summed in float32). `add_norm_reference` is that written-out function.
 
-Rows are split into blocks of `ROWS`; the 768 features are covered by one 1024-wide tile
-with the columns past 768 masked, as the rows past L are.
+Each program loops over `BLOCKS_PER_PROGRAM` blocks of `ROWS` rows of one example (a tile of
+ROWS × 1024: the 768 features as one 1024-wide tile with the columns past 768 masked, as the
+rows past L are). What does not depend on the row — the column keys of the mask, the LayerNorm
+scale and bias, the dense bias — it computes or loads once for all its blocks, and the backward
+sums its blocks' parameter gradients in float32 across the loop, so the partial sums XLA
+reduces are (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, D). The loop is a `fori_loop` (Triton's
+scf.for), not unrolled: one block's tile is live at a time, and the code does not grow with
+the blocks per program.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ from mtjax.models.attention import add_dense_bias
 from mtjax.models.batch_parallel import batch_parallel
 from mtjax.models.dropout import column_key, hash_keep, hash_keep_mask, hash_keys, row_key
 
-ROWS = 8        # rows per program
+# Launch settings (module-level so that `mtjax.bench_add_norm` can sweep them; both powers of
+# two, as Triton's tiles are).
+ROWS = 8                # rows per block: the tile one loop step works on
+BLOCKS_PER_PROGRAM = 8  # blocks each program loops over: ROWS · BLOCKS_PER_PROGRAM rows
 NUM_WARPS = 4
 # Run the kernels in Pallas' interpreter (tests that drive the model path on the CPU).
 INTERPRET = False
@@ -69,97 +79,127 @@ def add_norm_reference(y, dense_bias, residual, scale, bias, seed, rate: float, 
 
 # --------------------------------------------------------------------------- kernels
 
-def _tile(seq_len, width, block_cols):
-    i = pl.program_id(0)
-    rows = i * ROWS + jnp.arange(ROWS, dtype=jnp.int32)
+def _columns(width, block_cols):
     cols = jnp.arange(block_cols, dtype=jnp.int32)
-    row_ok = rows < seq_len
-    return rows, cols, row_ok, row_ok[:, None] & (cols < width)[None, :]
+    return cols, cols < width
 
 
-def _keep(base_ref, seed_ref, rows, cols, rate):
-    """The tile's mask: its rows' keys (global row index: the example's first row + the row)
-    against its columns' keys, as `hash_keep_mask` draws it on (B, L, D)."""
-    row_keys = row_key(base_ref[0] + rows, *hash_keys(seed_ref[0]))
-    return hash_keep(row_keys[:, None], column_key(cols)[None, :], rate)
+def _tile(j, first_row, rows, seq_len, col_ok):
+    """The program's block j: its slice of the program's rows, its rows' indices in the
+    example, which of them lie in the sequence, and its tile's mask."""
+    row = first_row + j * rows + jnp.arange(rows, dtype=jnp.int32)
+    row_ok = row < seq_len
+    return pl.ds(j * rows, rows), row, row_ok, row_ok[:, None] & col_ok[None, :]
+
+
+def _keep_fn(base_ref, seed_ref, cols, rate):
+    """keep(row) -> a block's mask: its rows' keys (global row index: the example's first row
+    + the row) against the columns' keys, as `hash_keep_mask` draws it on (B, L, D). The seed's
+    keys and the column keys are hashed here, once for all the program's blocks."""
+    base, keys, col_keys = base_ref[0], hash_keys(seed_ref[0]), column_key(cols)[None, :]
+    return lambda row: hash_keep(row_key(base + row, *keys)[:, None], col_keys, rate)
 
 
 def _fwd_kernel(base_ref, seed_ref, y_ref, y_bias_ref, r_ref, scale_ref, bias_ref,
-                out_ref, s_ref, mean_ref, rstd_ref, *, rate, keep_prob, eps, seq_len, width, block_cols):
-    rows, cols, row_ok, ok = _tile(seq_len, width, block_cols)
-    col_ok = cols < width
+                out_ref, s_ref, mean_ref, rstd_ref, *, rate, keep_prob, eps, rows, blocks, seq_len, width,
+                block_cols):
+    cols, col_ok = _columns(width, block_cols)
+    first_row = pl.program_id(0) * (rows * blocks)
     dtype = y_ref.dtype
-    y = plgpu.load(y_ref, mask=ok, other=0)
-    r = plgpu.load(r_ref, mask=ok, other=0)
-    # Dense's bias add: the bias rounded to the activation dtype, the sum rounded to it.
-    y_bias = plgpu.load(y_bias_ref, mask=col_ok, other=0).astype(dtype)
-    y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)[None, :]).astype(dtype)
-    if rate > 0:
-        dropped = (y.astype(jnp.float32) / keep_prob).astype(dtype)
-        y = jnp.where(_keep(base_ref, seed_ref, rows, cols, rate), dropped, jnp.zeros_like(dropped))
-    s = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(dtype)
-    s32 = s.astype(jnp.float32)
-    mean = jnp.sum(s32, axis=1) / width
-    centred = jnp.where(ok, s32 - mean[:, None], 0.0)
-    rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1) / width + eps)
+    # Per program: the per-feature operands and the column keys, shared by its blocks.
+    # Dense's bias add: the bias rounded to the activation dtype (the sum rounded to it below).
+    y_bias = plgpu.load(y_bias_ref, mask=col_ok, other=0).astype(dtype).astype(jnp.float32)
     scale = plgpu.load(scale_ref, mask=col_ok, other=0)
     bias = plgpu.load(bias_ref, mask=col_ok, other=0)
-    out = centred * rstd[:, None] * scale[None, :] + bias[None, :]
-    plgpu.store(out_ref, out.astype(out_ref.dtype), mask=ok)
-    plgpu.store(s_ref, s, mask=ok)
-    plgpu.store(mean_ref, mean, mask=row_ok)
-    plgpu.store(rstd_ref, rstd, mask=row_ok)
+    keep = _keep_fn(base_ref, seed_ref, cols, rate) if rate > 0 else None
+
+    def block(j, carry):
+        block_rows, row, row_ok, ok = _tile(j, first_row, rows, seq_len, col_ok)
+        y = plgpu.load(y_ref.at[block_rows, :], mask=ok, other=0)
+        r = plgpu.load(r_ref.at[block_rows, :], mask=ok, other=0)
+        y = (y.astype(jnp.float32) + y_bias[None, :]).astype(dtype)
+        if rate > 0:
+            dropped = (y.astype(jnp.float32) / keep_prob).astype(dtype)
+            y = jnp.where(keep(row), dropped, jnp.zeros_like(dropped))
+        s = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(dtype)
+        s32 = s.astype(jnp.float32)
+        mean = jnp.sum(s32, axis=1) / width
+        centred = jnp.where(ok, s32 - mean[:, None], 0.0)
+        rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1) / width + eps)
+        out = centred * rstd[:, None] * scale[None, :] + bias[None, :]
+        plgpu.store(out_ref.at[block_rows, :], out.astype(out_ref.dtype), mask=ok)
+        plgpu.store(s_ref.at[block_rows, :], s, mask=ok)
+        plgpu.store(mean_ref.at[block_rows], mean, mask=row_ok)
+        plgpu.store(rstd_ref.at[block_rows], rstd, mask=row_ok)
+        return carry
+
+    lax.fori_loop(0, blocks, block, ())
 
 
 def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_ref,
-                dy_ref, dr_ref, dscale_ref, dbias_ref, dy_bias_ref, *, rate, keep_prob, seq_len, width, block_cols):
-    rows, cols, row_ok, ok = _tile(seq_len, width, block_cols)
-    col_ok = cols < width
+                dy_ref, dr_ref, dscale_ref, dbias_ref, dy_bias_ref, *, rate, keep_prob, rows, blocks, seq_len,
+                width, block_cols):
+    cols, col_ok = _columns(width, block_cols)
+    first_row = pl.program_id(0) * (rows * blocks)
     dtype = dy_ref.dtype
-    dout = plgpu.load(dout_ref, mask=ok, other=0).astype(jnp.float32)
-    s = plgpu.load(s_ref, mask=ok, other=0).astype(jnp.float32)
-    mean = plgpu.load(mean_ref, mask=row_ok, other=0)
-    rstd = plgpu.load(rstd_ref, mask=row_ok, other=0)
     scale = plgpu.load(scale_ref, mask=col_ok, other=0)
-    xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
-    g = dout * scale[None, :]
-    mean_g = jnp.sum(g, axis=1) / width
-    mean_gx = jnp.sum(g * xhat, axis=1) / width
-    ds = (rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])).astype(dtype)
-    plgpu.store(dr_ref, ds, mask=ok)
-    if rate > 0:
-        dropped = (ds.astype(jnp.float32) / keep_prob).astype(dtype)
-        dy = jnp.where(_keep(base_ref, seed_ref, rows, cols, rate), dropped, jnp.zeros_like(dropped))
-    else:
-        dy = ds
-    plgpu.store(dy_ref, dy, mask=ok)
-    plgpu.store(dscale_ref, jnp.sum(dout * xhat, axis=0), mask=col_ok)
-    plgpu.store(dbias_ref, jnp.sum(dout, axis=0), mask=col_ok)
-    # The dense bias gradient sums dy as stored (rounded to its dtype) in float32, as Dense's
-    # does; the rows past L add 0 (their dout is loaded as 0, so ds is 0).
-    plgpu.store(dy_bias_ref, jnp.sum(dy.astype(jnp.float32), axis=0), mask=col_ok)
+    keep = _keep_fn(base_ref, seed_ref, cols, rate) if rate > 0 else None
+
+    def block(j, sums):
+        block_rows, row, row_ok, ok = _tile(j, first_row, rows, seq_len, col_ok)
+        dout = plgpu.load(dout_ref.at[block_rows, :], mask=ok, other=0).astype(jnp.float32)
+        s = plgpu.load(s_ref.at[block_rows, :], mask=ok, other=0).astype(jnp.float32)
+        mean = plgpu.load(mean_ref.at[block_rows], mask=row_ok, other=0)
+        rstd = plgpu.load(rstd_ref.at[block_rows], mask=row_ok, other=0)
+        xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
+        g = dout * scale[None, :]
+        mean_g = jnp.sum(g, axis=1) / width
+        mean_gx = jnp.sum(g * xhat, axis=1) / width
+        ds = (rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])).astype(dtype)
+        plgpu.store(dr_ref.at[block_rows, :], ds, mask=ok)
+        if rate > 0:
+            dropped = (ds.astype(jnp.float32) / keep_prob).astype(dtype)
+            dy = jnp.where(keep(row), dropped, jnp.zeros_like(dropped))
+        else:
+            dy = ds
+        plgpu.store(dy_ref.at[block_rows, :], dy, mask=ok)
+        dscale, dbias, dy_bias = sums
+        # The dense bias gradient sums dy as stored (rounded to its dtype) in float32, as Dense's
+        # does; the rows past L add 0 (their dout is loaded as 0, so ds is 0).
+        return (dscale + jnp.sum(dout * xhat, axis=0), dbias + jnp.sum(dout, axis=0),
+                dy_bias + jnp.sum(dy.astype(jnp.float32), axis=0))
+
+    # The parameter gradients' partial sums over the program's rows, in float32, stored once.
+    zeros = jnp.zeros((block_cols,), jnp.float32)
+    dscale, dbias, dy_bias = lax.fori_loop(0, blocks, block, (zeros, zeros, zeros))
+    plgpu.store(dscale_ref, dscale, mask=col_ok)
+    plgpu.store(dbias_ref, dbias, mask=col_ok)
+    plgpu.store(dy_bias_ref, dy_bias, mask=col_ok)
 
 
 # --------------------------------------------------------------------------- wrappers
 
 class _Plan:
     """Block specs and grid for (B, L, D) operands of any (local) batch size: one program per
-    ROWS rows of one example; the feature axis as one tile of the next power of two."""
+    BLOCKS_PER_PROGRAM · ROWS rows of one example (the last one's rows past L masked); the
+    feature axis as one tile of the next power of two."""
 
     def __init__(self, shape, interpret: bool):
         self.batch, self.seq_len, self.width = shape
         self.block_cols = 1 << (self.width - 1).bit_length()
-        self.blocks = -(-self.seq_len // ROWS)
-        self.grid = (self.blocks, self.batch)
+        self.program_rows = ROWS * BLOCKS_PER_PROGRAM
+        self.programs = -(-self.seq_len // self.program_rows)  # per example
+        self.grid = (self.programs, self.batch)
         params = None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
         self.call_args = dict(compiler_params=params, interpret=interpret)
-        self.common = dict(seq_len=self.seq_len, width=self.width, block_cols=self.block_cols)
+        self.common = dict(rows=ROWS, blocks=BLOCKS_PER_PROGRAM, seq_len=self.seq_len, width=self.width,
+                           block_cols=self.block_cols)
 
     def rows(self):
-        return pl.BlockSpec((None, ROWS, self.block_cols), lambda i, b: (b, i, 0))
+        return pl.BlockSpec((None, self.program_rows, self.block_cols), lambda i, b: (b, i, 0))
 
     def stats(self):
-        return pl.BlockSpec((None, ROWS), lambda i, b: (b, i))
+        return pl.BlockSpec((None, self.program_rows), lambda i, b: (b, i))
 
     def features(self):
         return pl.BlockSpec((None, self.block_cols), lambda i, b: (b, 0))
@@ -195,7 +235,7 @@ def _bwd_op(rate: float, interpret: bool):
     def call(base, seeds, dout, s, mean, rstd, scale):
         plan = _Plan(s.shape, interpret)
         b, _, d = s.shape
-        partial_sums = jax.ShapeDtypeStruct((b, plan.blocks, d), jnp.float32)
+        partial_sums = jax.ShapeDtypeStruct((b, plan.programs, d), jnp.float32)
         return tuple(pl.pallas_call(
             functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common),
             grid=plan.grid,
