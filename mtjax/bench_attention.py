@@ -56,6 +56,21 @@ def check_kernels(q, k, v, seed, blocks) -> dict[str, float]:
     return errs
 
 
+def check_packed_bias_gradient(kvq, seed, blocks) -> dict[str, float]:
+    """The packed entry point's gradients against the float32 reference on the unpacked
+    operands: the packed cotangent, and the bias gradient the kernels sum per program
+    (printed with its size, |dbias|: it sums B·L rows)."""
+    bias = 0.1 * jax.random.normal(jax.random.key(11), (3, *kvq.shape[3:]), jnp.float32)
+    f = lambda kvq, bias: flash.flash_attention_packed(kvq, bias, seed, RATE, blocks)
+    r = lambda kvq, bias: flash.attention_reference(*flash.unpack(kvq.astype(jnp.float32), bias), seed, RATE)
+    g = jax.random.normal(jax.random.key(12), (*kvq.shape[:2], *kvq.shape[3:]), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        (dkvq_f, dbias_f), (dkvq_r, dbias_r) = (jax.vjp(fn, kvq, bias)[1](g.astype(t))
+                                                for fn, t in ((f, kvq.dtype), (r, jnp.float32)))
+    return {"dkvq": float(jnp.max(jnp.abs(dkvq_f.astype(jnp.float32) - dkvq_r))),
+            "dbias": float(jnp.max(jnp.abs(dbias_f - dbias_r))), "|dbias|": float(jnp.max(jnp.abs(dbias_r)))}
+
+
 def time_path(fn, operands, steps: int) -> tuple[float, float]:
     """(ms forward, ms forward + backward) of fn(*operands, key) with a fresh dropout key per
     call, the gradient taken with respect to every operand."""
@@ -86,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     print("check vs float32 reference (same mask, precision highest): "
           + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
 
+    slots = {flash.KEY: k, flash.VALUE: v, flash.QUERY: q}
+    kvq = jnp.stack([slots[i] for i in range(3)], axis=2)
+    errs = check_packed_bias_gradient(kvq, seed, settings[0])
+    print("packed check vs float32 reference: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+
     rows = [("xla written-out, dropout", "-", *time_path(functools.partial(written_out, rate=RATE), (q, k, v), args.steps)),
             ("xla written-out, no dropout", "-", *time_path(functools.partial(written_out, rate=0.0), (q, k, v), args.steps)),
             ("cudnn, no dropout", "-", *time_path(functools.partial(cudnn, rate=0.0), (q, k, v), args.steps))]
-    slots = {flash.KEY: k, flash.VALUE: v, flash.QUERY: q}
-    packed = (jnp.stack([slots[i] for i in range(3)], axis=2), jnp.zeros((3, args.heads, args.depth), jnp.float32))
+    packed = (kvq, jnp.zeros((3, args.heads, args.depth), jnp.float32))
     # The first setting also without dropout: what the in-kernel mask costs.
     for rate, s in [(RATE, s) for s in settings] + [(0.0, settings[0])]:
         name = "flash, dropout" if rate else "flash, no dropout"
