@@ -90,6 +90,39 @@ def test_programs_of_several_blocks_match_the_written_out_function(launch, rate)
     _compare_with_the_written_out_function((2, 37, 40), rate)
 
 
+def test_forked_output_sums_two_cotangents_in_the_backward(launch):
+    """forked=True: the output twice, each copy with its own cotangent; the backward kernel adds
+    them (as add_any would) and gives the written-out function's gradients for their sum.
+    Programs of 4 blocks of 4 rows over 37 rows, as above."""
+    launch(rows=4, blocks=4)
+    shape, rate, seed = (2, 37, 40), 0.1, jnp.int32(1234)
+    operands = _operands(shape)
+    forked = lambda *a: fused.add_dropout_layer_norm(*a, seed, rate, 1e-12, True, True)
+    reference = lambda *a: fused.add_norm_reference(*a, seed, rate, 1e-12)
+    (out_a, out_b), vjp_k = jax.vjp(forked, *operands)
+    out_r, vjp_r = jax.vjp(reference, *operands)
+    np.testing.assert_array_equal(out_a, out_b)
+    np.testing.assert_allclose(out_a, out_r, atol=2e-6)
+    c1, c2 = (jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(7), 2))
+    for name, gk, gr in zip(GRADIENTS, vjp_k((c1, c2)), vjp_r(c1 + c2)):
+        np.testing.assert_allclose(gk, gr, atol=2e-5, err_msg=name)
+
+
+def test_forked_bf16_cotangents_are_summed_as_add_any_rounds():
+    """In bf16 the forked backward equals the unforked one given the two cotangents' sum as
+    autodiff's add_any forms it (float32 add, rounded to bf16), bit for bit."""
+    operands = _operands((2, 21, 48), jnp.bfloat16, seed=3)
+    seed = jnp.int32(-77)
+    kernel = lambda forked: lambda *a: fused.add_dropout_layer_norm(*a, seed, 0.1, 1e-12, True, forked)
+    _, vjp_f = jax.vjp(kernel(True), *operands)
+    _, vjp_1 = jax.vjp(kernel(False), *operands)
+    c1, c2 = (jax.random.normal(k, (2, 21, 48), jnp.bfloat16) for k in jax.random.split(jax.random.key(8), 2))
+    summed = jax.grad(lambda h: jnp.vdot(h, c1) + jnp.vdot(h, c2))(operands[2])  # add_any's sum
+    np.testing.assert_array_equal(summed, (c1.astype(jnp.float32) + c2.astype(jnp.float32)).astype(jnp.bfloat16))
+    for name, gf, g1 in zip(GRADIENTS, vjp_f((c1, c2)), vjp_1(summed)):
+        np.testing.assert_array_equal(gf, g1, err_msg=name)
+
+
 def _partial_sums_shape(shape):
     b, l, d = shape
     x, stats, features = (jax.ShapeDtypeStruct(s, t) for s, t in

@@ -94,14 +94,23 @@ class BertSelfAttention(nn.Module):
         return out.reshape(b, l, c.hidden_size)
 
 
+Pair = tuple[jax.Array, jax.Array]
+
+
 class BertAddNorm(nn.Module):
-    """Dense → dropout → LayerNorm(· + residual): HF's BertSelfOutput and BertOutput."""
+    """Dense → dropout → LayerNorm(· + residual): HF's BertSelfOutput and BertOutput.
+
+    `fork=True` returns the output as a pair (for the following matmul, for the next add-norm's
+    residual): the fused kernels then get the two uses' cotangents separately and add them in
+    their backward, saving XLA's pass that would sum them (fused_add_norm's docstring). Written
+    out, the pair is the same array twice."""
 
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool,
+                 fork: bool = False) -> jax.Array | Pair:
         c = self.config
         # The dense output's dtype as `Dense` computes it (module dtype, else the inputs' with the
         # float32 kernel's): the kernels' decision is taken before either path makes the parameters.
@@ -116,12 +125,13 @@ class BertAddNorm(nn.Module):
             seed = dropout.hash_seed() if rate > 0 else jnp.int32(0)
             scale, bias = LayerNormParams(name="LayerNorm")(c.hidden_size)
             return fused_add_norm.add_dropout_layer_norm(y, dense_bias, residual.astype(y.dtype), scale, bias, seed,
-                                                         rate, c.layer_norm_eps, fused_add_norm.INTERPRET)
+                                                         rate, c.layer_norm_eps, fused_add_norm.INTERPRET, fork)
         x = Dense(c.hidden_size, dtype=self.dtype, name="dense")(x)
         dropout = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)
         x = dropout(x, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x + residual)
-        return x.astype(self.dtype)
+        x = x.astype(self.dtype)
+        return (x, x) if fork else x
 
 
 class LayerNormParams(nn.Module):
@@ -142,8 +152,11 @@ class BertAttentionBlock(nn.Module):
         self.self = BertSelfAttention(self.config, self.dtype)
         self.output = BertAddNorm(self.config, self.dtype)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        return self.output(self.self(x, deterministic=deterministic), x, deterministic=deterministic)
+    def __call__(self, x: Pair, *, deterministic: bool) -> Pair:
+        """x: (for the q/k/v matmul, as the residual), the same values; returns such a pair."""
+        to_matmul, to_residual = x
+        return self.output(self.self(to_matmul, deterministic=deterministic), to_residual,
+                           deterministic=deterministic, fork=True)
 
 
 class BertIntermediate(nn.Module):
@@ -164,9 +177,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(self.config, self.dtype)
         self.output = BertAddNorm(self.config, self.dtype)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        attended = self.attention(x, deterministic=deterministic)
-        return self.output(self.intermediate(attended), attended, deterministic=deterministic)
+    def __call__(self, x: jax.Array | Pair, *, deterministic: bool, fork: bool = False) -> jax.Array | Pair:
+        """x: one array or a pair (for the q/k/v matmul, as the residual) of the same values;
+        returns one array, or such a pair with fork=True (BertEncoder)."""
+        x = x if isinstance(x, tuple) else (x, x)
+        to_matmul, to_residual = self.attention(x, deterministic=deterministic)
+        return self.output(self.intermediate(to_matmul), to_residual, deterministic=deterministic, fork=fork)
 
 
 class BertEncoder(nn.Module):
@@ -179,9 +195,15 @@ class BertEncoder(nn.Module):
                       for i in range(self.config.num_hidden_layers)]
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        for layer in self.layer:
-            x = layer(x, deterministic=deterministic)
-        return x
+        # Each add-norm's output goes on as a pair: one copy to the next matmul, one as the next
+        # add-norm's residual (BertAddNorm). The embeddings' output starts it; the last layer's
+        # output is one array.
+        if not self.layer:
+            return x
+        pair = (x, x)
+        for layer in self.layer[:-1]:
+            pair = layer(pair, deterministic=deterministic, fork=True)
+        return self.layer[-1](pair, deterministic=deterministic)
 
 
 class FlaxBert(nn.Module):

@@ -26,6 +26,13 @@ sums its blocks' parameter gradients in float32 across the loop, so the partial 
 reduces are (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, D). The loop is a `fori_loop` (Triton's
 scf.for), not unrolled: one block's tile is live at a time, and the code does not grow with
 the blocks per program.
+
+`forked=True` returns the output twice, for its two uses in BERT (the next matmul and the next
+add-norm's residual). Returned once, JAX's autodiff sums the two uses' cotangents with an
+`add_any` before the backward: on the GPU a separate XLA pass over (B, L, 768) per add-norm (23
+in a train step) that writes the sum the backward kernel then reads. Forked, each use has its
+own cotangent and the backward kernel loads both and adds them itself, rounded as `add_any`
+rounds (added in float32, rounded to the activation dtype). Not forked, the backward loads one.
 """
 
 from __future__ import annotations
@@ -136,9 +143,10 @@ def _fwd_kernel(base_ref, seed_ref, y_ref, y_bias_ref, r_ref, scale_ref, bias_re
     lax.fori_loop(0, blocks, block, ())
 
 
-def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_ref,
+def _bwd_kernel(base_ref, seed_ref, dout_ref, dout2_ref, s_ref, mean_ref, rstd_ref, scale_ref,
                 dy_ref, dr_ref, dscale_ref, dbias_ref, dy_bias_ref, *, rate, keep_prob, rows, blocks, seq_len,
                 width, block_cols):
+    """dout2_ref: the forked output's second cotangent, or None (not forked)."""
     cols, col_ok = _columns(width, block_cols)
     first_row = pl.program_id(0) * (rows * blocks)
     dtype = dy_ref.dtype
@@ -148,6 +156,10 @@ def _bwd_kernel(base_ref, seed_ref, dout_ref, s_ref, mean_ref, rstd_ref, scale_r
     def block(j, sums):
         block_rows, row, row_ok, ok = _tile(j, first_row, rows, seq_len, col_ok)
         dout = plgpu.load(dout_ref.at[block_rows, :], mask=ok, other=0).astype(jnp.float32)
+        if dout2_ref is not None:
+            # The two uses' cotangents summed as add_any sums them: in float32, rounded to their dtype.
+            dout2 = plgpu.load(dout2_ref.at[block_rows, :], mask=ok, other=0).astype(jnp.float32)
+            dout = (dout + dout2).astype(dtype).astype(jnp.float32)
         s = plgpu.load(s_ref.at[block_rows, :], mask=ok, other=0).astype(jnp.float32)
         mean = plgpu.load(mean_ref.at[block_rows], mask=row_ok, other=0)
         rstd = plgpu.load(rstd_ref.at[block_rows], mask=row_ok, other=0)
@@ -231,28 +243,40 @@ def _fwd_op(rate: float, eps: float, interpret: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_op(rate: float, interpret: bool):
-    def call(base, seeds, dout, s, mean, rstd, scale):
+def _bwd_op(rate: float, interpret: bool, forked: bool = False):
+    """Operands (base, seeds, dout, [dout2 if forked,] s, mean, rstd, scale)."""
+    douts = 2 if forked else 1
+
+    def call(base, seeds, *operands):
+        s = operands[douts]
         plan = _Plan(s.shape, interpret)
         b, _, d = s.shape
         partial_sums = jax.ShapeDtypeStruct((b, plan.programs, d), jnp.float32)
+        kernel = functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common)
+        if not forked:  # no second cotangent ref: the kernel loads one
+            kernel = functools.partial(_one_cotangent, kernel)
         return tuple(pl.pallas_call(
-            functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common),
+            kernel,
             grid=plan.grid,
-            in_specs=[_EXAMPLE, _EXAMPLE, plan.rows(), plan.rows(), plan.stats(), plan.stats(), plan.features()],
+            in_specs=[_EXAMPLE, _EXAMPLE, *[plan.rows()] * douts, plan.rows(), plan.stats(), plan.stats(),
+                      plan.features()],
             out_specs=[plan.rows(), plan.rows(), plan.partial_sums(), plan.partial_sums(), plan.partial_sums()],
             out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct(s.shape, s.dtype),
                        partial_sums, partial_sums, partial_sums],
             name="add_norm_bwd", **plan.call_args,
-        )(base, seeds, dout, s, mean, rstd, scale))
+        )(base, seeds, *operands))
 
-    return batch_parallel(call, "b, b, b l d, b l d, b l, b l, b d -> b l d, b l d, b k d, b k d, b k d",
-                          ("l", "d", "k"))
+    ins = "b, b, " + "b l d, " * douts + "b l d, b l, b l, b d"
+    return batch_parallel(call, ins + " -> b l d, b l d, b k d, b k d, b k d", ("l", "d", "k"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _one_cotangent(kernel, base_ref, seed_ref, dout_ref, *refs):
+    return kernel(base_ref, seed_ref, dout_ref, None, *refs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def add_dropout_layer_norm(y, dense_bias, residual, scale, bias, seed, rate: float, eps: float,
-                           interpret: bool = False):
+                           interpret: bool = False, forked: bool = False):
     """LayerNorm(dropout(y + dense_bias) + residual) · scale + bias, fused; `add_norm_reference`
     written out.
 
@@ -260,8 +284,9 @@ def add_dropout_layer_norm(y, dense_bias, residual, scale, bias, seed, rate: flo
     dense_bias (the dense layer's), scale, bias: (D,) float32; seed: int32 scalar (the 'hash'
     dropout seed, `Dropout.hash_seed`); rate 0 for no dropout. Returns y's dtype. y's cotangent
     is also that of y + dense_bias. `interpret=True` runs the kernels in Pallas' interpreter
-    (CPU tests)."""
-    return _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret)[0]
+    (CPU tests). `forked=True` returns the output twice, (out, out), for two uses whose
+    cotangents the backward kernel adds (module docstring)."""
+    return _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret, forked)[0]
 
 
 def _per_example(seed, batch, seq_len):
@@ -271,7 +296,7 @@ def _per_example(seed, batch, seq_len):
     return base, jnp.broadcast_to(jnp.asarray(seed, jnp.int32), (batch,))
 
 
-def _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret):
+def _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret, forked):
     b, l, d = y.shape
     base, seeds = _per_example(seed, b, l)
     y_bias_b, scale_b, bias_b = (jnp.broadcast_to(p.astype(jnp.float32), (b, d)) for p in (dense_bias, scale, bias))
@@ -279,13 +304,13 @@ def _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret):
                                                        scale_b, bias_b)
     # The zero-size arrays only carry the residual's and the parameters' dtypes to the backward.
     dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (dense_bias, residual, scale, bias))
-    return out, (base, seeds, s, mean, rstd, scale_b, jnp.asarray(seed), dtypes)
+    return (out, out) if forked else out, (base, seeds, s, mean, rstd, scale_b, jnp.asarray(seed), dtypes)
 
 
-def _bwd(rate, eps, interpret, residuals, d_out):
+def _bwd(rate, eps, interpret, forked, residuals, d_out):
     base, seeds, s, mean, rstd, scale_b, seed, (y_bias_like, r_like, scale_like, bias_like) = residuals
-    dy, dr, dscale, dbias, dy_bias = _bwd_op(rate, interpret)(base, seeds, d_out.astype(s.dtype), s, mean, rstd,
-                                                              scale_b)
+    douts = [d.astype(s.dtype) for d in (d_out if forked else (d_out,))]
+    dy, dr, dscale, dbias, dy_bias = _bwd_op(rate, interpret, forked)(base, seeds, *douts, s, mean, rstd, scale_b)
     return (dy, dy_bias.sum((0, 1)).astype(y_bias_like.dtype), dr.astype(r_like.dtype),
             dscale.sum((0, 1)).astype(scale_like.dtype), dbias.sum((0, 1)).astype(bias_like.dtype),
             np.zeros(seed.shape, jax.dtypes.float0))
