@@ -196,14 +196,10 @@ class BertEncoder(nn.Module):
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         # Each add-norm's output goes on as a pair: one copy to the next matmul, one as the next
-        # add-norm's residual (BertAddNorm). The embeddings' output starts it; the last layer's
-        # output is one array.
-        if not self.layer:
-            return x
-        pair = (x, x)
-        for layer in self.layer[:-1]:
-            pair = layer(pair, deterministic=deterministic, fork=True)
-        return self.layer[-1](pair, deterministic=deterministic)
+        # add-norm's residual (BertAddNorm). The last layer's output is one array.
+        for i, layer in enumerate(self.layer):
+            x = layer(x, deterministic=deterministic, fork=i < len(self.layer) - 1)
+        return x
 
 
 class FlaxBert(nn.Module):
