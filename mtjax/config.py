@@ -19,6 +19,7 @@ POOLING_MODES = ("faithful", "stable")
 ATTENTION_IMPLS = ("xla", "cudnn", "flash")
 DROPOUT_IMPLS = ("threefry", "hash")
 ADD_NORM_IMPLS = ("xla", "fused")
+LSTM_IMPLS = ("scan", "kernel")
 # BertConfig fields that choose how BERT runs, not its weights (kept out of HF configs;
 # may change when loading a checkpoint).
 BERT_RUNTIME_FIELDS = ("attention_impl", "remat_attention_probs", "hidden_dropout_impl", "add_norm_impl")
@@ -141,6 +142,10 @@ class ModelConfig:
     audio_dim: int = 128
     lstm_hidden: int = 512
     lstm_layers: int = 2
+    # How the LSTM recurrences run (not the weights): 'scan' = `lax.scan`, everywhere;
+    # 'kernel' = `mtjax.models.lstm_kernel`'s persistent GPU kernels where they take the
+    # call (GPU, batch up to 32), the scan elsewhere. Same function.
+    lstm_impl: str = "scan"
     fusion_heads: int = 12
     head_dims: tuple[int, ...] = (200, 40, 20)
     # Compute dtype; parameters stay float32.
@@ -179,6 +184,8 @@ class ModelConfig:
                             ("fusion_heads", self.fusion_heads)):
             if d % heads:
                 raise ConfigError(f"hidden size {d} is not divisible by {name}={heads}")
+        if self.lstm_impl not in LSTM_IMPLS:
+            raise ConfigError(f"model.lstm_impl must be one of {LSTM_IMPLS}, got {self.lstm_impl!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         for name in ("text_len", "video_len", "audio_len", "video_dim", "audio_dim",

@@ -33,9 +33,9 @@ class HICCAP(nn.Module):
         d = c.hidden_size
         dt = jnp.dtype(c.dtype)
         self.bert = FlaxBert(c.bert, dt)
-        self.rnn_img = BiLSTM(c.lstm_hidden, c.lstm_layers, dt)
+        self.rnn_img = BiLSTM(c.lstm_hidden, c.lstm_layers, dt, c.lstm_impl)
         self.rnn_img_drop_norm = DropNorm(0.2, dt)
-        self.rnn_audio = BiLSTM(c.lstm_hidden, c.lstm_layers, dt)
+        self.rnn_audio = BiLSTM(c.lstm_hidden, c.lstm_layers, dt, c.lstm_impl)
         self.rnn_audio_drop_norm = DropNorm(0.2, dt)
         self.sequential_audio = Projection(d, dt)
         self.sequential_image = Projection(d, dt)

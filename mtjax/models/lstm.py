@@ -24,8 +24,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-# "custom_vjp" (hand-written backward, the default) or "autodiff" (jax.grad of the scan);
-# the same function and gradient, kept switchable for benchmarks and tests.
+from mtjax.models import lstm_kernel
+
+# The scan's gradient: "custom_vjp" (hand-written backward, the default) or "autodiff"
+# (jax.grad of the scan); the same function and gradient, kept switchable for benchmarks and
+# tests. (The modules' `impl='kernel'` runs `lstm_kernel` instead of the scan.)
 RECURRENCE = "custom_vjp"
 # `lax.scan(unroll=...)` of the recurrence (forward and backward).
 SCAN_UNROLL = 4
@@ -108,17 +111,30 @@ def _recurrence_bwd(dtype, res, dhs):
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _recurrences(parts, dtype) -> list[jax.Array]:
+def _use_kernel(impl: str, batch: int, directions: int, hidden: int) -> bool:
+    """Whether a recurrence call of `directions` directions runs as `lstm_kernel`'s
+    persistent kernels (batch-first layouts, gate columns in the kernels' order): with
+    impl 'kernel', where the kernels take the call; otherwise as a scan."""
+    return impl == "kernel" and lstm_kernel.supported(batch, directions, hidden)
+
+
+def _recurrences(parts, dtype, kernel: bool) -> list[jax.Array]:
     """The recurrences of one or several layers (each `(projected (T, 2, B, 4H), w_hh, b_hh)`)
     as one: stacked on the direction axis, the shorter ones padded in time at the end of their
     scan order. Padded steps come after every real step (in both directions: the backward one
     scans its reversed input), so they change no real output, and their outputs' zero
     cotangents give them zero gradients. Returns each layer's hs (T_i, 2, B, H)."""
+    w_hh = jnp.concatenate([w for _, w, _ in parts])
+    b_hh = jnp.concatenate([b for _, _, b in parts])
+    if kernel:
+        steps = max(p.shape[1] for p, _, _ in parts)
+        projected = jnp.concatenate([jnp.pad(p, ((0, 0), (0, steps - p.shape[1]), (0, 0), (0, 0)))
+                                     for p, _, _ in parts], axis=2)
+        hs = lstm_kernel.recurrence(projected, w_hh, b_hh, dtype)
+        return [hs[:, :p.shape[1], 2 * n:2 * n + 2] for n, (p, _, _) in enumerate(parts)]
     steps = max(p.shape[0] for p, _, _ in parts)
     projected = jnp.concatenate([jnp.pad(p, ((0, steps - p.shape[0]), (0, 0), (0, 0), (0, 0)))
                                  for p, _, _ in parts], axis=1)
-    w_hh = jnp.concatenate([w for _, w, _ in parts])
-    b_hh = jnp.concatenate([b for _, _, b in parts])
     if RECURRENCE == "custom_vjp":
         hs = recurrence(projected, w_hh, b_hh, dtype)
     else:
@@ -126,8 +142,11 @@ def _recurrences(parts, dtype) -> list[jax.Array]:
     return [hs[:p.shape[0], 2 * n:2 * n + 2] for n, (p, _, _) in enumerate(parts)]
 
 
-def _layer_output(hs: jax.Array, dtype) -> jax.Array:
-    """hs (T, 2, B, H) in scan order → (B, T, 2H): [forward, backward] at each time step."""
+def _layer_output(hs: jax.Array, dtype, kernel: bool) -> jax.Array:
+    """hs (T, 2, B, H) in scan order (batch-first: (B, T, 2, H)) → (B, T, 2H): [forward,
+    backward] at each time step."""
+    if kernel:
+        return jnp.concatenate([hs[:, :, 0], hs[:, ::-1, 1]], axis=-1).astype(dtype)
     forward = jnp.swapaxes(hs[:, 0], 0, 1)
     backward = jnp.swapaxes(hs[::-1, 1], 0, 1)
     return jnp.concatenate([forward, backward], axis=-1).astype(dtype)
@@ -136,14 +155,19 @@ def _layer_output(hs: jax.Array, dtype) -> jax.Array:
 class BiLSTMLayer(nn.Module):
     hidden: int
     dtype: jnp.dtype = jnp.float32
+    impl: str = "scan"  # ModelConfig.lstm_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _layer_output(_recurrences([self.project(x)], jnp.dtype(self.dtype))[0], self.dtype)
+        kernel = _use_kernel(self.impl, x.shape[0], 2, self.hidden)
+        return _layer_output(_recurrences([self.project(x, kernel)], jnp.dtype(self.dtype), kernel)[0],
+                             self.dtype, kernel)
 
     @nn.compact
-    def project(self, x: jax.Array):
+    def project(self, x: jax.Array, kernel: bool = False):
         """The parallel part: every time step's input projection for both directions,
-        (T, 2, B, 4H) in scan order, with the recurrence's parameters (w_hh, b_hh)."""
+        (T, 2, B, 4H) in scan order (batch-first: (B, T, 2, 4H)), with the recurrence's
+        parameters (w_hh, b_hh). For the `kernel` the gate columns of all four are in
+        `lstm_kernel`'s order."""
         batch, _, in_dim = x.shape
         h4 = 4 * self.hidden
         init = _torch_lstm_init(self.hidden)
@@ -156,8 +180,12 @@ class BiLSTMLayer(nn.Module):
         b_ih = self.param("bias_ih", init, (2, h4)).astype(f32)
         b_hh = self.param("bias_hh", init, (2, h4)).astype(f32)
 
+        if kernel:
+            w_ih, w_hh, b_ih, b_hh = (lstm_kernel.to_kernel_order(a) for a in (w_ih, w_hh, b_ih, b_hh))
         x = x.astype(self.dtype)
         both = jnp.stack([x, x[:, ::-1]])  # (2, B, T, in): backward reads time reversed
+        if kernel:
+            return jnp.einsum("zbti,zig->btzg", both, w_ih).astype(f32) + b_ih, w_hh, b_hh
         projected = (jnp.einsum("zbti,zig->tzbg", both, w_ih).astype(f32)
                      + b_ih[None, :, None, :])
         return projected, w_hh, b_hh
@@ -169,9 +197,11 @@ class BiLSTM(nn.Module):
     hidden: int
     num_layers: int
     dtype: jnp.dtype = jnp.float32
+    impl: str = "scan"  # ModelConfig.lstm_impl: 'scan' or 'kernel'
 
     def setup(self):
-        self.layers = [BiLSTMLayer(self.hidden, self.dtype, name=f"layer_{k}") for k in range(self.num_layers)]
+        self.layers = [BiLSTMLayer(self.hidden, self.dtype, self.impl, name=f"layer_{k}")
+                       for k in range(self.num_layers)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.layers:
@@ -187,12 +217,13 @@ def run_together(lstms: list[BiLSTM], inputs: list[jax.Array]) -> list[jax.Array
     hidden size, depth and dtype; otherwise (or with `JOINT_SCAN` off) runs them one by one."""
     first = lstms[0]
     joint = (JOINT_SCAN and len({x.shape[0] for x in inputs}) == 1
-             and all((m.hidden, m.num_layers, m.dtype) == (first.hidden, first.num_layers, first.dtype)
+             and all((m.hidden, m.num_layers, m.dtype, m.impl) == (first.hidden, first.num_layers, first.dtype, first.impl)
                      for m in lstms))
     if not joint:
         return [lstm(x) for lstm, x in zip(lstms, inputs)]
     xs = list(inputs)
+    kernel = _use_kernel(first.impl, xs[0].shape[0], 2 * len(lstms), first.hidden)
     for k in range(first.num_layers):
-        parts = [lstm.layers[k].project(x) for lstm, x in zip(lstms, xs)]
-        xs = [_layer_output(hs, first.dtype) for hs in _recurrences(parts, jnp.dtype(first.dtype))]
+        parts = [lstm.layers[k].project(x, kernel) for lstm, x in zip(lstms, xs)]
+        xs = [_layer_output(hs, first.dtype, kernel) for hs in _recurrences(parts, jnp.dtype(first.dtype), kernel)]
     return xs
