@@ -501,7 +501,7 @@ def run_jax_lstm(spec, cfg, ctx, device) -> dict[str, Any]:
 
     dt = jnp.dtype(cfg.dtype)
     B = spec["batch"]
-    vid, aud = BiLSTM(cfg.lstm_hidden, cfg.lstm_layers, dt), BiLSTM(cfg.lstm_hidden, cfg.lstm_layers, dt)
+    vid, aud = (BiLSTM(cfg.lstm_hidden, cfg.lstm_layers, dt, cfg.lstm_impl) for _ in range(2))
     xv = jax.random.normal(jax.random.PRNGKey(1), (B, cfg.video_len, cfg.video_dim))
     xa = jax.random.normal(jax.random.PRNGKey(2), (B, cfg.audio_len, cfg.audio_dim))
     params = (vid.init(jax.random.PRNGKey(3), xv), aud.init(jax.random.PRNGKey(4), xa))

@@ -138,6 +138,7 @@ def test_override_list_becomes_tuple_and_is_checked_against_weights():
     ("optim.lr", ["expected dotted.key=value"]),
     ("optim.lr=fast", ["optim.lr", "expected float", "'fast'"]),
     ("train.epochs=[1", ["train.epochs=[1", "not valid YAML"]),
+    ("model.overrides.lstm_impl=cudnn", ["model.overrides.lstm_impl", "scan, kernel", "'cudnn'"]),
 ])
 def test_bad_overrides(override, needles):
     raises(lambda: load_experiment(CONFIGS / "demo.yaml", [override]), *needles)
@@ -340,6 +341,13 @@ def test_checkpoint_tasks_checked_against_weights(tiny_checkpoint):
     e = ExperimentConfig.from_dict(minimal(model={"init_checkpoint": str(path)}, loss={
         "weighting": "predefined", "weights": {"gory": 1.0}}))
     raises(lambda: resolve_model_config(e), "loss.weights", "lacks mature")
+
+
+def test_lstm_impl_may_change_on_a_checkpoint(tiny_checkpoint):
+    # How the LSTMs run is not fixed by the weights (as BERT's runtime fields are not).
+    path, _ = tiny_checkpoint
+    e = ExperimentConfig.from_dict(minimal(model={"init_checkpoint": str(path), "overrides": {"lstm_impl": "kernel"}}))
+    assert resolve_model_config(e).lstm_impl == "kernel"
 
 
 def test_checkpoint_override_invalid_for_its_config(tiny_checkpoint):

@@ -114,6 +114,9 @@ def test_model_with_the_kernels_equals_the_model_with_the_scan(monkeypatch):
         loss = lambda p: sum(jnp.sum(jnp.log(v[:, 1])) for v in model.apply(
             {**variables, "params": p}, batch, deterministic=True).values())
         results[impl] = jax.value_and_grad(loss)(variables["params"])
+        # The kernel config runs the kernels (one forward call per layer), the scan config none.
+        calls = str(jax.make_jaxpr(loss)(variables["params"])).count("pallas_call")
+        assert calls == (config.lstm_layers if impl == "kernel" else 0)
     (loss_s, grads_s), (loss_k, grads_k) = results["scan"], results["kernel"]
     assert jax.tree.structure(grads_s) == jax.tree.structure(grads_k)
     np.testing.assert_allclose(loss_k, loss_s, rtol=1e-6)

@@ -14,6 +14,10 @@ recurrence is the only sequential part. Its gradient is written by hand (`recurr
 a `jax.custom_vjp`): the reverse scan computes only the gate gradients (one small matmul
 per step) and the recurrent weight gradient is one matmul over all steps afterwards,
 where autodiff of the scan would accumulate it step by step (see docs/perf_notes.md).
+With `impl='kernel'` (`ModelConfig.lstm_impl`) the recurrence runs instead as one
+persistent GPU kernel per scan (`lstm_kernel`), where the kernels take the call; the
+layouts are then batch-first and the gate columns in the kernels' order (a transpose of the
+parameters' columns, so the parameters themselves keep PyTorch's layout).
 """
 
 from __future__ import annotations
