@@ -89,16 +89,18 @@ def test_under_vmap_the_kernels_run_once_per_slice(monkeypatch):
 def test_which_calls_the_kernels_take(monkeypatch):
     monkeypatch.setattr(lstm_kernel, "INTERPRET", False)
     # On the CPU: none (the model runs the scan).
-    assert not lstm_kernel.supported(32, 4, 512)
+    bf16 = jnp.bfloat16
+    assert not lstm_kernel.supported(32, 4, 512, bf16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(lstm_kernel, "_multiprocessors", lambda: 132)  # the H100's
-    assert lstm_kernel.supported(32, 4, 512)            # HICCAP's: 128 programs
-    assert lstm_kernel.supported(5, 4, 512)             # padded to 16
-    assert not lstm_kernel.supported(33, 4, 512)        # beyond the tiles
-    assert not lstm_kernel.supported(32, 6, 512)        # 192 programs: not all resident
-    assert not lstm_kernel.supported(32, 4, 40)         # not whole power-of-two slices
+    assert lstm_kernel.supported(32, 4, 512, bf16)            # HICCAP's: 128 programs
+    assert lstm_kernel.supported(5, 4, 512, jnp.float16)      # padded to 16
+    assert not lstm_kernel.supported(32, 4, 512, jnp.float32)  # tiles twice the size
+    assert not lstm_kernel.supported(33, 4, 512, bf16)        # beyond the tiles
+    assert not lstm_kernel.supported(32, 6, 512, bf16)        # 192 programs: not all resident
+    assert not lstm_kernel.supported(32, 4, 40, bf16)         # not whole power-of-two slices
     monkeypatch.setattr(lstm_kernel, "_multiprocessors", lambda: 108)  # an A100's
-    assert not lstm_kernel.supported(32, 4, 512)
+    assert not lstm_kernel.supported(32, 4, 512, bf16)
 
 
 def test_model_with_the_kernels_equals_the_model_with_the_scan(monkeypatch):

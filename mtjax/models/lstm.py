@@ -115,11 +115,11 @@ def _recurrence_bwd(dtype, res, dhs):
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _use_kernel(impl: str, batch: int, directions: int, hidden: int) -> bool:
+def _use_kernel(impl: str, batch: int, directions: int, hidden: int, dtype) -> bool:
     """Whether a recurrence call of `directions` directions runs as `lstm_kernel`'s
     persistent kernels (batch-first layouts, gate columns in the kernels' order): with
     impl 'kernel', where the kernels take the call; otherwise as a scan."""
-    return impl == "kernel" and lstm_kernel.supported(batch, directions, hidden)
+    return impl == "kernel" and lstm_kernel.supported(batch, directions, hidden, dtype)
 
 
 def _recurrences(parts, dtype, kernel: bool) -> list[jax.Array]:
@@ -162,7 +162,7 @@ class BiLSTMLayer(nn.Module):
     impl: str = "scan"  # ModelConfig.lstm_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _use_kernel(self.impl, x.shape[0], 2, self.hidden)
+        kernel = _use_kernel(self.impl, x.shape[0], 2, self.hidden, self.dtype)
         return _layer_output(_recurrences([self.project(x, kernel)], jnp.dtype(self.dtype), kernel)[0],
                              self.dtype, kernel)
 
@@ -226,7 +226,7 @@ def run_together(lstms: list[BiLSTM], inputs: list[jax.Array]) -> list[jax.Array
     if not joint:
         return [lstm(x) for lstm, x in zip(lstms, inputs)]
     xs = list(inputs)
-    kernel = _use_kernel(first.impl, xs[0].shape[0], 2 * len(lstms), first.hidden)
+    kernel = _use_kernel(first.impl, xs[0].shape[0], 2 * len(lstms), first.hidden, first.dtype)
     for k in range(first.num_layers):
         parts = [lstm.layers[k].project(x, kernel) for lstm, x in zip(lstms, xs)]
         xs = [_layer_output(hs, first.dtype, kernel) for hs in _recurrences(parts, jnp.dtype(first.dtype), kernel)]

@@ -15,7 +15,7 @@ reads all of them to form its units' share of dh_{t-1} = dgates_t · W_hhᵀ.
 
 A spinning barrier needs every program resident at once: `supported` takes a call only if
 its grid fits the GPU's multiprocessors (HICCAP's four directions × 512 / 16 units: 128 of
-the H100's 132) and its batch fits the tiles (up to 32); `lstm.BiLSTM(impl='kernel')` runs
+the H100's 132) and its batch fits the tiles (up to 32, in bf16 or fp16); `lstm.BiLSTM(impl='kernel')` runs
 the scan otherwise. XLA runs one kernel at a time on its stream, so nothing else holds the
 multiprocessors, and under vmap the calls run one after another (`_one_call_at_a_time`),
 never as one bigger grid. In Pallas' interpreter (CPU tests) the programs run one after
@@ -63,14 +63,16 @@ def _multiprocessors() -> int:
     return getattr(jax.devices()[0], "core_count", 0) or 0
 
 
-def supported(batch: int, directions: int, hidden: int) -> bool:
-    """Whether the kernels take this call: on a GPU (or in the interpreter), the batch within
-    `MAX_BATCH`, the hidden size a multiple of the units per program (powers of two: Triton's
-    tiles), and every program resident at once (directions × H / U no more than the GPU's
-    multiprocessors), as the spinning barrier needs. Otherwise the LSTM runs as a scan."""
+def supported(batch: int, directions: int, hidden: int, dtype) -> bool:
+    """Whether the kernels take this call: on a GPU (or in the interpreter), a 16-bit compute
+    dtype and the batch within `MAX_BATCH` (the tiles' shared memory: in float32 the backward's
+    gate-gradient tile alone would be 256 KB), the hidden size a multiple of the units per
+    program (powers of two: Triton's tiles), and every program resident at once (directions ×
+    H / U no more than the GPU's multiprocessors), as the spinning barrier needs. Otherwise
+    the LSTM runs as a scan."""
     if INTERPRET:
         return True
-    if jax.default_backend() != "gpu" or _padded_batch(batch) > MAX_BATCH:
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2 or _padded_batch(batch) > MAX_BATCH:
         return False
     units = UNITS_PER_PROGRAM
     return hidden % units == 0 and hidden & (hidden - 1) == 0 and directions * hidden // units <= _multiprocessors()
