@@ -269,6 +269,23 @@ def kernel_row(name: str, setting: str, timed) -> tuple[str, str, float, float]:
         return (name, f"{setting} failed: {type(e).__name__}", math.nan, math.nan)
 
 
+def kernel_bench_parser(module: str, doc: str):
+    """The argument parser of a kernel bench (`python -m mtjax.<module>`), with its `--steps`."""
+    p = argparse.ArgumentParser(prog=f"python -m mtjax.{module}", description=doc.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed calls per setting")
+    return p
+
+
+def on_gpu(module: str) -> bool:
+    """Whether a kernel bench can run here; says why not (the kernels are Triton: GPUs only)."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return True
+    print(f"mtjax.{module}: needs a GPU (the kernels are Triton)", file=sys.stderr)
+    return False
+
+
 def print_kernel_table(setting_header: str, rows) -> None:
     print(f"\n| path | {setting_header} | ms fwd | ms fwd+bwd |\n|---|---|---|---|")
     for name, setting, f_ms, b_ms in rows:

@@ -13,14 +13,13 @@ the module's defaults.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from mtjax.bench import kernel_row, print_kernel_table, time_forward_and_grad
+from mtjax.bench import kernel_bench_parser, kernel_row, on_gpu, print_kernel_table, time_forward_and_grad
 from mtjax.models import fused_add_norm as fused
 
 RATE, EPS = 0.1, 1e-12
@@ -47,17 +46,15 @@ def check(shape, dtype) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtjax.bench_add_norm", description=__doc__.split("\n\n")[0])
+    p = kernel_bench_parser("bench_add_norm", __doc__)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=500)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--rows", default="4,8,16", help="rows per block (ROWS), comma-separated")
     p.add_argument("--blocks", default="1,2,4,8", help="blocks per program (BLOCKS_PER_PROGRAM), comma-separated")
     p.add_argument("--warps", default="4,8", help="warps per program (NUM_WARPS), comma-separated")
-    p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("mtjax.bench_add_norm: needs a GPU (the kernels are Triton)", file=sys.stderr)
+    if not on_gpu("bench_add_norm"):
         return 2
     shape = (args.batch, args.seq, args.width)
     print(f"device: {jax.devices()[0].device_kind}; activations {shape}; dropout {RATE}")

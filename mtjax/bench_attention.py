@@ -12,7 +12,6 @@ Prints a table: path, blocks (forward q×k, backward q×k, warps, stages), ms fo
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import sys
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.bench import kernel_row, print_kernel_table, time_forward_and_grad
+from mtjax.bench import kernel_bench_parser, kernel_row, on_gpu, print_kernel_table, time_forward_and_grad
 from mtjax.models import flash_attention as flash
 from mtjax.models.attention import _softmax_dropout_values
 
@@ -79,17 +78,15 @@ def time_path(fn, operands, steps: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtjax.bench_attention", description=__doc__.split("\n\n")[0])
+    p = kernel_bench_parser("bench_attention", __doc__)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=500)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--depth", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--blocks", default="128x64x64x64x4x3,128x64x64x64x4x2,64x64x64x64x4x3,128x64x64x32x4x3",
                    help="comma-separated 'flash' settings: fwd_q x fwd_k x bwd_q x bwd_k x warps x stages")
     args = p.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("mtjax.bench_attention: needs a GPU (the kernels are Triton)", file=sys.stderr)
+    if not on_gpu("bench_attention"):
         return 2
     shape = (args.batch, args.seq, args.heads, args.depth)
     q, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in jax.random.split(jax.random.key(0), 3))

@@ -12,7 +12,6 @@ times forward and forward + backward at each setting of warps per program.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.bench import kernel_row, print_kernel_table, time_forward_and_grad
+from mtjax.bench import kernel_bench_parser, kernel_row, on_gpu, print_kernel_table, time_forward_and_grad
 from mtjax.models import lstm_kernel
 from mtjax.models.lstm import BiLSTM, run_together
 
@@ -67,13 +66,11 @@ def check(batch: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtjax.bench_lstm", description=__doc__.split("\n\n")[0])
+    p = kernel_bench_parser("bench_lstm", __doc__)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warps", default="4,8", help="warps per program (NUM_WARPS), comma-separated")
-    p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("mtjax.bench_lstm: needs a GPU (the kernels are Triton)", file=sys.stderr)
+    if not on_gpu("bench_lstm"):
         return 2
     if not lstm_kernel.supported(args.batch, 2 * len(SHAPES), HIDDEN, jnp.bfloat16):
         print(f"mtjax.bench_lstm: the kernels do not take batch {args.batch} on this GPU "
