@@ -127,7 +127,8 @@ def _recurrences(parts, dtype, kernel: bool) -> list[jax.Array]:
     as one: stacked on the direction axis, the shorter ones padded in time at the end of their
     scan order. Padded steps come after every real step (in both directions: the backward one
     scans its reversed input), so they change no real output, and their outputs' zero
-    cotangents give them zero gradients. Returns each layer's hs (T_i, 2, B, H)."""
+    cotangents give them zero gradients. Returns each layer's hs (T_i, 2, B, H). With
+    `kernel`, in `lstm_kernel`'s batch-first layouts: projected (B, T, 2, 4H), hs (B, T_i, 2, H)."""
     w_hh = jnp.concatenate([w for _, w, _ in parts])
     b_hh = jnp.concatenate([b for _, _, b in parts])
     if kernel:
@@ -184,11 +185,10 @@ class BiLSTMLayer(nn.Module):
         b_ih = self.param("bias_ih", init, (2, h4)).astype(f32)
         b_hh = self.param("bias_hh", init, (2, h4)).astype(f32)
 
-        if kernel:
-            w_ih, w_hh, b_ih, b_hh = (lstm_kernel.to_kernel_order(a) for a in (w_ih, w_hh, b_ih, b_hh))
         x = x.astype(self.dtype)
         both = jnp.stack([x, x[:, ::-1]])  # (2, B, T, in): backward reads time reversed
         if kernel:
+            w_ih, w_hh, b_ih, b_hh = (lstm_kernel.to_kernel_order(a) for a in (w_ih, w_hh, b_ih, b_hh))
             return jnp.einsum("zbti,zig->btzg", both, w_ih).astype(f32) + b_ih, w_hh, b_hh
         projected = (jnp.einsum("zbti,zig->tzbg", both, w_ih).astype(f32)
                      + b_ih[None, :, None, :])
@@ -218,11 +218,10 @@ def run_together(lstms: list[BiLSTM], inputs: list[jax.Array]) -> list[jax.Array
     scan: the sequential steps are those of the longest input, not the sum (HICCAP's video and
     audio LSTMs: 63 steps per layer instead of 36 + 63). The recurrence is latency-bound, so a
     step over four directions costs about what one over two does. Needs the same batch size,
-    hidden size, depth and dtype; otherwise (or with `JOINT_SCAN` off) runs them one by one."""
+    hidden size, depth, dtype and impl; otherwise (or with `JOINT_SCAN` off) runs them one by one."""
     first = lstms[0]
-    joint = (JOINT_SCAN and len({x.shape[0] for x in inputs}) == 1
-             and all((m.hidden, m.num_layers, m.dtype, m.impl) == (first.hidden, first.num_layers, first.dtype, first.impl)
-                     for m in lstms))
+    same = lambda m: (m.hidden, m.num_layers, m.dtype, m.impl)
+    joint = JOINT_SCAN and len({x.shape[0] for x in inputs}) == 1 and all(same(m) == same(first) for m in lstms)
     if not joint:
         return [lstm(x) for lstm, x in zip(lstms, inputs)]
     xs = list(inputs)
