@@ -144,7 +144,9 @@ class ModelConfig:
     lstm_layers: int = 2
     # How the LSTM recurrences run (not the weights): 'scan' = `lax.scan`, everywhere;
     # 'kernel' = `mtjax.models.lstm_kernel`'s persistent GPU kernels where they take the
-    # call (GPU, bf16/fp16, batch up to 32), the scan elsewhere. Same function.
+    # call (GPU, bf16/fp16, batch up to 32), the scan elsewhere. Same function. Its programs
+    # need all of the GPU's multiprocessors at once: not for processes capped to a share
+    # of them (CUDA MPS).
     lstm_impl: str = "scan"
     fusion_heads: int = 12
     head_dims: tuple[int, ...] = (200, 40, 20)

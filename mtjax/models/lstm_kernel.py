@@ -15,12 +15,14 @@ reads all of them to form its units' share of dh_{t-1} = dgates_t · W_hhᵀ.
 
 A spinning barrier needs every program resident at once: `supported` takes a call only if
 its grid fits the GPU's multiprocessors (HICCAP's four directions × 512 / 16 units: 128 of
-the H100's 132) and its batch fits the tiles (up to 32, in bf16 or fp16); `lstm.BiLSTM(impl='kernel')` runs
-the scan otherwise. XLA runs one kernel at a time on its stream, so nothing else holds the
-multiprocessors, and under vmap the calls run one after another (`_one_call_at_a_time`),
-never as one bigger grid. In Pallas' interpreter (CPU tests) the programs run one after
-another, so there each direction is one program (the barrier is then passed at once),
-which runs the same arithmetic.
+the H100's 132) and its batch fits the tiles (up to 32, in bf16 or fp16);
+`lstm.BiLSTM(impl='kernel')` runs the scan otherwise. XLA runs one kernel at a time on its
+stream, so nothing else holds the multiprocessors for long: a kernel of another stream or
+process only delays the programs it keeps off, but a process capped to a share of the
+multiprocessors (CUDA MPS) would keep some waiting for good, so not there. Under vmap the
+calls run one after another (`_one_call_at_a_time`), never as one bigger grid. In Pallas'
+interpreter (CPU tests) the programs run one after another, so there each direction is one
+program (the barrier is then passed at once), which runs the same arithmetic.
 
 Arithmetic as in `lstm.recurrence`: the h·W_hh product in the compute dtype with float32
 accumulation, rounded to the compute dtype, then added in float32 to the projected input
