@@ -235,7 +235,7 @@ def _backward_op(dtype):
 
 
 def _forward(projected, w_hh, b_hh, dtype):
-    batch = projected.shape[0]
+    """hs, cs, acts of the batch padded to a power of two (kept so for the backward)."""
     projected = _pad_batch(projected)
     b, steps, z, h4 = projected.shape
     hidden = h4 // 4
@@ -248,12 +248,11 @@ def _forward(projected, w_hh, b_hh, dtype):
                    jax.ShapeDtypeStruct(projected.shape, jnp.float32), jax.ShapeDtypeStruct((z,), jnp.int32)),
         input_output_aliases={3: 4}, **_call_params(),
     )(projected, w_hh.astype(dtype), b_hh, jnp.zeros((z,), jnp.int32))
-    return hs[:batch], cs[:batch], acts[:batch]
+    return hs, cs, acts
 
 
 def _backward(dhs, cs, acts, w_hh, dtype):
-    batch = dhs.shape[0]
-    dhs, cs, acts = _pad_batch(dhs), _pad_batch(cs), _pad_batch(acts)
+    """Gate gradients of the padded batch (dhs, cs, acts all padded)."""
     b, steps, z, hidden = dhs.shape
     units = _units_per_program(hidden)
     kernel = functools.partial(_backward_kernel, steps=steps, units=units, dtype=dtype)
@@ -263,7 +262,7 @@ def _backward(dhs, cs, acts, w_hh, dtype):
                    jax.ShapeDtypeStruct((z,), jnp.int32)),
         input_output_aliases={4: 2}, **_call_params(),
     )(dhs, cs, acts, w_hh.astype(dtype), jnp.zeros((z,), jnp.int32))
-    return dgates[:batch]
+    return dgates
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -271,21 +270,23 @@ def recurrence(projected, w_hh, b_hh, dtype):
     """`lstm.recurrence` in batch-first layout: projected (B, T, Z, 4H) float32, w_hh
     (Z, H, 4H) float32 (cast to `dtype` for the matmul), b_hh (Z, 4H) -> hs (B, T, Z, H).
     The gate columns (last axis of projected, w_hh, b_hh) in `to_kernel_order`."""
-    return _forward_op(jnp.dtype(dtype))(projected, w_hh, b_hh)[0]
+    return _forward_op(jnp.dtype(dtype))(projected, w_hh, b_hh)[0][:projected.shape[0]]
 
 
 def _recurrence_fwd(projected, w_hh, b_hh, dtype):
     hs, cs, acts = _forward_op(jnp.dtype(dtype))(projected, w_hh, b_hh)
-    return hs, (w_hh, hs, cs, acts)
+    return hs[:projected.shape[0]], (w_hh, hs, cs, acts)  # residuals of the padded batch
 
 
 def _recurrence_bwd(dtype, res, dhs):
     w_hh, hs, cs, acts = res
-    dgates = _backward_op(jnp.dtype(dtype))(dhs, cs, acts, w_hh)
+    batch = dhs.shape[0]
+    # The padded rows' cotangents are zero, so are their gate gradients: they add nothing below.
+    dgates = _backward_op(jnp.dtype(dtype))(_pad_batch(dhs), cs, acts, w_hh)
     h_prev = jnp.pad(hs[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
     # The recurrent weight's gradient over all steps at once (B·T rows), in float32.
     d_w = jnp.einsum("btzh,btzg->zhg", h_prev, dgates).astype(w_hh.dtype)
-    return dgates, d_w, jnp.sum(dgates, axis=(0, 1))
+    return dgates[:batch], d_w, jnp.sum(dgates, axis=(0, 1))
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
