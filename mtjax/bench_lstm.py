@@ -44,6 +44,12 @@ def _run(impl: str):
     return fn
 
 
+def _max_abs(a, b=None) -> float:
+    """max |a − b| (or |a|) in float32."""
+    a = a.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a if b is None else a - b.astype(jnp.float32))))
+
+
 def check(batch: int) -> dict[str, float]:
     """Max |kernel − scan| of the outputs, and the largest gradient difference relative to
     that gradient's largest value."""
@@ -52,17 +58,14 @@ def check(batch: int) -> dict[str, float]:
     out_k, vjp_k = jax.vjp(_run("kernel"), params, inputs)
     g = jax.random.normal(jax.random.key(9), out_s.shape, out_s.dtype)
     grads_k = vjp_k(g)
-    rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                                          / jnp.max(jnp.abs(b.astype(jnp.float32)))), grads_k, vjp_s(g))
+    rel = jax.tree.map(lambda a, b: _max_abs(a, b) / _max_abs(b), grads_k, vjp_s(g))
     # Run again: each call starts its barrier counters from zero (a counter left over from the
     # last call would let the programs run ahead of each other: other results).
     again_out, again_vjp = jax.vjp(_run("kernel"), params, inputs)
-    again = [jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-             for a, b in zip(jax.tree.leaves((out_k, grads_k)), jax.tree.leaves((again_out, again_vjp(g))))]
-    return {"out": float(jnp.max(jnp.abs(out_k.astype(jnp.float32) - out_s.astype(jnp.float32)))),
-            "|out|": float(jnp.max(jnp.abs(out_s.astype(jnp.float32)))),
-            "grads (relative)": max(jax.tree.leaves(rel)),
-            "second call vs first": float(max(again))}
+    again = [_max_abs(a, b) for a, b in zip(jax.tree.leaves((out_k, grads_k)),
+                                            jax.tree.leaves((again_out, again_vjp(g))))]
+    return {"out": _max_abs(out_k, out_s), "|out|": _max_abs(out_s),
+            "grads (relative)": max(jax.tree.leaves(rel)), "second call vs first": max(again)}
 
 
 def main(argv: list[str] | None = None) -> int:
