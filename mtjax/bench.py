@@ -343,12 +343,13 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
         weighting = make_weighting("predefined", weights=MULTITASK_WEIGHTS)
         aggregator = make_aggregator("pcgrad", num_tasks=len(cfg.tasks)) if kind in PER_TASK_KINDS else None
         # One compiled program instead of hundreds of eager ops (each a small compile on a GPU).
+        pack = bool(spec.get("pack_small_arrays"))
         state = jax.jit(lambda v, k: init_train_state(v, opt, weighting, aggregator, num_tasks=len(cfg.tasks),
-                                                      rng=k))(variables, jax.random.PRNGKey(1))
+                                                      rng=k, pack_small_arrays=pack))(variables, jax.random.PRNGKey(1))
         del variables
         phases["state"] = time.perf_counter() - t_phase
         step_fn = make_train_step(cfg, opt, weighting, aggregator,
-                                  aggregate_on=PER_TASK_KINDS.get(kind, "parameters"))
+                                  aggregate_on=PER_TASK_KINDS.get(kind, "parameters"), pack_small_arrays=pack)
         mask = jnp.ones(len(cfg.tasks), jnp.float32)
         n_devices = spec.get("devices") or 1
         if n_devices > 1:
@@ -714,7 +715,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
               "smoke": spec["smoke"], "model": {**(spec.get("model") or {}), **(spec.get("set") or {})},
               "prng": spec.get("prng"), "devices": spec.get("devices"),
               "xla_flags": os.environ.get("XLA_FLAGS"),
-              "steps_per_sample": steps_per_sample(spec)}
+              "steps_per_sample": steps_per_sample(spec), "pack_small_arrays": bool(spec.get("pack_small_arrays"))}
     try:
         out = run_jax(spec) if impl == "jax" else run_torch(spec)
     except Exception as e:  # one failed config (OOM, torch.compile) must not sink the table
@@ -783,6 +784,8 @@ def table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if compiled:
                     notes.append(f"{r['clips_per_s'] / compiled['clips_per_s']:.2f}x torch.compile")
             notes += [f"{k}={v}" for k, v in _flat(r.get("model") or {}).items()]
+            if r.get("pack_small_arrays"):
+                notes.append("optim.pack_small_arrays")
             row["note"] = "; ".join(notes)
         if r.get("run"):  # merged tables: which device call the row came from
             row["note"] = "; ".join(x for x in (f"run {r['run']}", row["note"]) if x)
@@ -891,6 +894,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prng", help="jax_default_prng_impl for the JAX configs (e.g. rbg)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                    help="module switch in mtjax.models for every config (e.g. lstm.SCAN_UNROLL=4)")
+    p.add_argument("--pack-small-arrays", action="store_true",
+                   help="JAX train configs: the optimizer over packed small arrays (optim.pack_small_arrays)")
     p.add_argument("--timeout", type=float, default=420, help="seconds per fresh-process config")
     p.add_argument("--merge", help="comma-separated JSONL files: print their table, run nothing")
     p.add_argument("--profile", metavar="DIR",
@@ -940,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for mode, batch, plan_overrides in plan:
         spec = {"mode": mode, "batch": batch, "steps": steps, "warmup": warmup, "smoke": smoke,
-                "steps_per_sample": args.steps_per_sample,
+                "steps_per_sample": args.steps_per_sample, "pack_small_arrays": args.pack_small_arrays,
                 "devices": args.devices if args.devices > 1 and parse_mode(mode)[1] in TRAIN_KINDS else None,
                 "model": _merge(plan_overrides, overrides), "prng": args.prng, "set": _parse_overrides(args.set, nest_bert=False),
                 "profile": os.path.join(args.profile, f"{mode}-b{batch}") if args.profile else None}

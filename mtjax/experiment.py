@@ -90,6 +90,10 @@ class OptimSection:
     plateau_patience: int = 2
     plateau_min_lr: float = 1e-8
     plateau_rtol: float = 1e-4
+    # Update the small parameter arrays (biases, norms: 218 of HICCAP's 318) as one packed
+    # vector (mtjax.packed_params): the same parameters, ~0.4 ms less per H100 step. The
+    # optimizer state is then packed too, so a run resumes only with the setting it began with.
+    pack_small_arrays: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -182,12 +182,14 @@ class Trainer:
                                       max_steps_per_epoch=exp.train.max_steps_per_epoch,
                                       epochs=exp.train.epochs, **schedule_opts)
         step = make_train_step(self.config, self.optimizer, self.weighting, self.aggregator,
-                               aggregate_on=exp.strategy.aggregate_on, l2=exp.loss.l2, l2_coef=exp.loss.l2_coef)
+                               aggregate_on=exp.strategy.aggregate_on, l2=exp.loss.l2, l2_coef=exp.loss.l2_coef,
+                               pack_small_arrays=exp.optim.pack_small_arrays)
         self.train_step = jax.jit(step, donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.config))
         self.plateau = build_plateau(exp) if exp.optim.schedule == "plateau" else None
         state = init_train_state(variables, self.optimizer, self.weighting, self.aggregator,
-                                 num_tasks=len(self.tasks), rng=jax.random.PRNGKey(exp.seed + 1))
+                                 num_tasks=len(self.tasks), rng=jax.random.PRNGKey(exp.seed + 1),
+                                 pack_small_arrays=exp.optim.pack_small_arrays)
         self.state = {"train": state, "plateau": self.plateau.init({}) if self.plateau else {}}
         self.epoch = 0
         self.best = {"epoch": None, "value": -np.inf}

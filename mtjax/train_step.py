@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtjax import packed_params
 from mtjax.config import ModelConfig
 from mtjax.losses import l2_norm_sum, masked_bce
 from mtjax.models.hiccap import MODEL_INPUTS, HICCAP
@@ -113,7 +114,9 @@ def _sum_tasks(per_task_tree):
 
 def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTransformation,
                      weighting, aggregator: optax.GradientTransformation | None, *,
-                     num_tasks: int, rng: jax.Array) -> TrainState:
+                     num_tasks: int, rng: jax.Array, pack_small_arrays: bool = False) -> TrainState:
+    """`pack_small_arrays`: the optimizer state over the packed parameters (mtjax.packed_params);
+    the train step must be made with the same setting."""
     rng, w_key = jax.random.split(rng)
     weighting_state = weighting.init(num_tasks, w_key)
     # A copy: the weighting state holds the same arrays, and a donated state must not
@@ -124,7 +127,8 @@ def init_train_state(variables: Mapping[str, Any], optimizer: optax.GradientTran
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, weight_params=weight_params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=optimizer.init({"model": params, "weighting": weight_params}),
+        opt_state=optimizer.init({"model": packed_params.pack(params) if pack_small_arrays else params,
+                                  "weighting": weight_params}),
         weighting_state=weighting_state, aggregator_state=aggregator_state, rng=rng)
 
 
@@ -136,7 +140,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     aggregator: optax.GradientTransformation | None = None, *,
                     aggregate_on: str = "parameters",
                     l2: str = "none", l2_coef: float = 0.1,
-                    deterministic: bool = False) -> Callable:
+                    deterministic: bool = False, pack_small_arrays: bool = False) -> Callable:
     """Builds the (un-jitted) step; jit it with `jax.jit(step, donate_argnums=0)`.
 
     With an aggregator, `aggregate_on` says what its per-task gradients are:
@@ -148,7 +152,11 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
       the step costs about one single-loss step whatever the number of tasks.
 
     `deterministic=True` turns dropout off while BatchNorm stays in training mode (the
-    mode of the train-step parity tests)."""
+    mode of the train-step parity tests).
+
+    `pack_small_arrays=True` runs the optimizer on the parameters with their small arrays
+    packed into one vector (mtjax.packed_params: fewer, larger GPU kernels; the same
+    parameter values); the state must come from `init_train_state` with the same setting."""
     if l2 not in L2_MODES:
         raise ValueError(f"l2 must be one of {L2_MODES}, got {l2!r}")
     if aggregate_on not in AGGREGATE_ON:
@@ -238,12 +246,18 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             if l2 == "real":
                 total = total + l2_coef * l2_norm_sum(state.params)
 
-        grads = {"model": g_model, "weighting": g_weight}
+        def pack(tree):
+            return packed_params.pack(tree) if pack_small_arrays else tree
+
+        def unpack(packed):
+            return packed_params.unpack(packed, state.params) if pack_small_arrays else packed
+
+        grads = {"model": pack(g_model), "weighting": g_weight}
+        params = {"model": pack(state.params), "weighting": state.weight_params}
         # The global norm, as `skip_nonfinite` tests it (the same sums of squares).
         finite = jnp.isfinite(total) & jnp.isfinite(optax.tree.norm(grads))
-        updates, opt_state = optimizer.update(grads, state.opt_state,
-                                              {"model": state.params, "weighting": state.weight_params})
-        new = optax.apply_updates({"model": state.params, "weighting": state.weight_params}, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        new = optax.apply_updates(params, updates)
 
         weighting_state = weighting.set_params(state.weighting_state, new["weighting"])
         extra = {}
@@ -255,7 +269,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
             extra["ref_grads"] = jax.jacrev(ref_losses)(ref)
         if weighting.needs_new_losses:
-            extra["new_losses"] = task_losses(new["model"], state.batch_stats, batch, dropout_key)[0]
+            extra["new_losses"] = task_losses(unpack(new["model"]), state.batch_stats, batch, dropout_key)[0]
         weighting_state = weighting.update(weighting_state, losses=losses, **extra)
 
         reported = total
@@ -268,7 +282,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             learning_rate=learning_rate(state.opt_state))
         new_state = TrainState(
             step=state.step + 1,
-            params=_select(finite, new["model"], state.params),
+            # Selected before unpacking: one select over the packed arrays.
+            params=unpack(_select(finite, new["model"], params["model"])),
             weight_params=_select(finite, new["weighting"], state.weight_params),
             batch_stats=_select(finite, new_stats, state.batch_stats),
             # skip_nonfinite already skipped non-finite gradients (and counts them); this
