@@ -378,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.overrides:
                 from mtjax.experiment import apply_overrides
 
-                exp = ExperimentConfig.from_dict(apply_overrides(exp.to_dict(), args.overrides))
+                saved, exp = exp, ExperimentConfig.from_dict(apply_overrides(exp.to_dict(), args.overrides))
+                if exp.optim.pack_small_arrays != saved.optim.pack_small_arrays:
+                    raise ConfigError(f"--resume {args.resume}: optim.pack_small_arrays cannot change on resume (the "
+                                      f"run's optimizer state is saved {'packed' if saved.optim.pack_small_arrays else 'per array'})")
         elif args.config:
             exp = load_experiment(args.config, args.overrides)
         else:

@@ -146,3 +146,16 @@ def test_packed_state_round_trips_through_a_run_checkpoint(tmp_path):
     # and the restored state steps on
     state, metrics = step(restored["train"], random_batch(CONFIG, 4, seed=1), MASK)
     assert int(metrics["finite"]) == 1
+
+
+def test_resume_refuses_to_change_the_packing(tmp_path, capsys):
+    from mtjax import train as train_mod
+    from mtjax.experiment import ExperimentConfig
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    exp = ExperimentConfig.from_dict({"name": "t", "output_dir": str(tmp_path), "data": {"root": str(tmp_path)}})
+    (run_dir / "experiment.json").write_text(exp.to_json())
+    assert train_mod.main(["--resume", str(run_dir), "optim.pack_small_arrays=true"]) != 0
+    err = capsys.readouterr().err
+    assert "optim.pack_small_arrays cannot change on resume" in err and "per array" in err
