@@ -877,6 +877,8 @@ def _parse_overrides(items: list[str], nest_bert: bool = True) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtjax.experiment import OptimSection
+
     p = argparse.ArgumentParser(prog="python -m mtjax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", help="comma-separated; with --modes, every mode at every size")
     p.add_argument("--modes", help="comma-separated modes (see the module docstring)")
@@ -894,8 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prng", help="jax_default_prng_impl for the JAX configs (e.g. rbg)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                    help="module switch in mtjax.models for every config (e.g. lstm.SCAN_UNROLL=4)")
-    p.add_argument("--pack-small-arrays", action="store_true",
-                   help="JAX train configs: the optimizer over packed small arrays (optim.pack_small_arrays)")
+    p.add_argument("--pack-small-arrays", action=argparse.BooleanOptionalAction, default=OptimSection().pack_small_arrays,
+                   help="JAX train configs: the optimizer over packed small arrays (optim.pack_small_arrays; "
+                        "on by default, as in the Trainer)")
     p.add_argument("--timeout", type=float, default=420, help="seconds per fresh-process config")
     p.add_argument("--merge", help="comma-separated JSONL files: print their table, run nothing")
     p.add_argument("--profile", metavar="DIR",

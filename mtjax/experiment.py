@@ -92,8 +92,9 @@ class OptimSection:
     plateau_rtol: float = 1e-4
     # Update the small parameter arrays (biases, norms: 218 of HICCAP's 318) as one packed
     # vector (mtjax.packed_params): the same parameters, ~0.4 ms less per H100 step. The
-    # optimizer state is then packed too, so a run resumes only with the setting it began with.
-    pack_small_arrays: bool = False
+    # optimizer state is then packed too, so a run resumes only with the setting it began
+    # with (runs saved before the setting existed resume per array: load_run_experiment).
+    pack_small_arrays: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -579,6 +580,33 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
         return ExperimentConfig.from_dict(data)
     except ConfigError as e:
         raise _err(f"{path}: {e}") from None
+
+
+def load_run_experiment(run_dir: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """A run directory's own experiment (`experiment.json`) + overrides, for `--resume`.
+
+    Runs written before `optim.pack_small_arrays` existed saved their optimizer state per
+    array: their experiment resumes with it off. The setting itself cannot change on resume
+    (the saved optimizer state has its layout)."""
+    exp_file = Path(run_dir) / "experiment.json"
+    if not exp_file.is_file():
+        raise _err(f"--resume {run_dir}: no experiment.json (not a run directory)")
+    try:
+        data = json.loads(exp_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _err(f"{exp_file}: not readable as JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("optim", {}), dict):
+        data.setdefault("optim", {}).setdefault("pack_small_arrays", False)
+    try:
+        saved = ExperimentConfig.from_dict(data)
+    except ConfigError as e:
+        raise _err(f"{exp_file}: {e}") from None
+    exp = ExperimentConfig.from_dict(apply_overrides(saved.to_dict(), list(overrides))) if overrides else saved
+    if exp.optim.pack_small_arrays != saved.optim.pack_small_arrays:
+        layout = "packed" if saved.optim.pack_small_arrays else "per array"
+        raise _err(f"--resume {run_dir}: optim.pack_small_arrays cannot change on resume "
+                   f"(the run's optimizer state is saved {layout})")
+    return exp
 
 
 # ----------------------------------------------------------------------------- model + paths

@@ -29,7 +29,7 @@ from mtjax.checkpoint import CheckpointError, load_model
 from mtjax.config import ConfigError, ModelConfig
 from mtjax.data import ClipDataset, DataError, load_split, split_paths
 from mtjax.data.batching import pad_batch
-from mtjax.experiment import ExperimentConfig, check_paths, load_experiment, resolve_model_config
+from mtjax.experiment import ExperimentConfig, check_paths, load_experiment, load_run_experiment, resolve_model_config
 from mtjax.losses import weights_vector
 from mtjax.metrics import compute_metrics
 from mtjax.models.hiccap import MODEL_INPUTS, init_variables
@@ -371,17 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.resume:
-            exp_file = Path(args.resume) / "experiment.json"
-            if not exp_file.is_file():
-                raise ConfigError(f"--resume {args.resume}: no experiment.json (not a run directory)")
-            exp = ExperimentConfig.from_json(exp_file.read_text())
-            if args.overrides:
-                from mtjax.experiment import apply_overrides
-
-                saved, exp = exp, ExperimentConfig.from_dict(apply_overrides(exp.to_dict(), args.overrides))
-                if exp.optim.pack_small_arrays != saved.optim.pack_small_arrays:
-                    raise ConfigError(f"--resume {args.resume}: optim.pack_small_arrays cannot change on resume (the "
-                                      f"run's optimizer state is saved {'packed' if saved.optim.pack_small_arrays else 'per array'})")
+            exp = load_run_experiment(args.resume, args.overrides)
         elif args.config:
             exp = load_experiment(args.config, args.overrides)
         else:

@@ -148,14 +148,41 @@ def test_packed_state_round_trips_through_a_run_checkpoint(tmp_path):
     assert int(metrics["finite"]) == 1
 
 
-def test_resume_refuses_to_change_the_packing(tmp_path, capsys):
-    from mtjax import train as train_mod
+def _run_dir(tmp_path, **optim):
     from mtjax.experiment import ExperimentConfig
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    exp = ExperimentConfig.from_dict({"name": "t", "output_dir": str(tmp_path), "data": {"root": str(tmp_path)}})
+    exp = ExperimentConfig.from_dict({"name": "t", "output_dir": str(tmp_path), "data": {"root": str(tmp_path)},
+                                      "optim": optim})
     (run_dir / "experiment.json").write_text(exp.to_json())
-    assert train_mod.main(["--resume", str(run_dir), "optim.pack_small_arrays=true"]) != 0
+    return run_dir
+
+
+def test_new_runs_pack_and_resume_refuses_to_change_it(tmp_path, capsys):
+    from mtjax import train as train_mod
+    from mtjax.experiment import ExperimentConfig, load_run_experiment
+
+    assert ExperimentConfig.from_dict({"name": "t", "data": {"root": "d"}}).optim.pack_small_arrays
+    run_dir = _run_dir(tmp_path)
+    assert load_run_experiment(run_dir, ["train.epochs=9"]).optim.pack_small_arrays
+    assert train_mod.main(["--resume", str(run_dir), "optim.pack_small_arrays=false"]) == 2
     err = capsys.readouterr().err
-    assert "optim.pack_small_arrays cannot change on resume" in err and "per array" in err
+    assert "optim.pack_small_arrays cannot change on resume" in err and "saved packed" in err
+
+
+def test_runs_from_before_the_setting_resume_per_array(tmp_path):
+    import json
+
+    from mtjax.experiment import ConfigError, load_run_experiment
+
+    run_dir = _run_dir(tmp_path)
+    data = json.loads((run_dir / "experiment.json").read_text())
+    del data["optim"]["pack_small_arrays"]  # experiment.json as earlier versions wrote it
+    (run_dir / "experiment.json").write_text(json.dumps(data))
+    assert not load_run_experiment(run_dir).optim.pack_small_arrays
+    with pytest.raises(ConfigError, match="cannot change on resume .*saved per array"):
+        load_run_experiment(run_dir, ["optim.pack_small_arrays=true"])
+    (run_dir / "experiment.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="experiment.json: not readable as JSON"):
+        load_run_experiment(run_dir)
