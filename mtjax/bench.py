@@ -697,14 +697,16 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_module_settings(settings: dict[str, Any]) -> None:
-    """`{"lstm.SCAN_UNROLL": 4}` sets `mtjax.models.lstm.SCAN_UNROLL = 4` (A/B switches)."""
+    """`{"lstm.SCAN_UNROLL": 4}` sets `mtjax.models.lstm.SCAN_UNROLL = 4` (A/B switches); a
+    key starting with `mtjax.` names its module in full (`mtjax.train_step.ATTR`)."""
     import importlib
 
     for key, value in (settings or {}).items():
         mod, _, attr = key.rpartition(".")
-        module = importlib.import_module(f"mtjax.models.{mod}")
+        mod = mod if mod.startswith("mtjax.") else f"mtjax.models.{mod}"
+        module = importlib.import_module(mod)
         if not hasattr(module, attr):
-            raise AttributeError(f"--set {key}: mtjax.models.{mod} has no {attr}")
+            raise AttributeError(f"--set {key}: {mod} has no {attr}")
         setattr(module, attr, value)
 
 
@@ -895,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="ModelConfig override for every config (e.g. attention_impl=cudnn, bert.attention_probs_dropout_prob=0)")
     p.add_argument("--prng", help="jax_default_prng_impl for the JAX configs (e.g. rbg)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
-                   help="module switch in mtjax.models for every config (e.g. lstm.SCAN_UNROLL=4)")
+                   help="module switch in mtjax.models (or a full mtjax.* module path) for every config (e.g. lstm.SCAN_UNROLL=4)")
     p.add_argument("--pack-small-arrays", action=argparse.BooleanOptionalAction, default=OptimSection().pack_small_arrays,
                    help="JAX train configs: the optimizer over packed small arrays (optim.pack_small_arrays; "
                         "on by default, as in the Trainer)")
