@@ -126,22 +126,23 @@ def test_forked_bf16_cotangents_are_summed_as_add_any_rounds():
 def _partial_sums_shape(shape):
     b, l, d = shape
     x, stats, features = (jax.ShapeDtypeStruct(s, t) for s, t in
-                          (((b, l, d), jnp.bfloat16), ((b, l), jnp.float32), ((b, d), jnp.float32)))
+                          (((b, l, d), jnp.bfloat16), ((b, l), jnp.float32), ((d,), jnp.float32)))
     example = jax.ShapeDtypeStruct((b,), jnp.int32)
     outs = jax.eval_shape(fused._bwd_op(0.1, False), example, example, x, x, stats, stats, features)
-    assert len({o.shape for o in outs[2:]}) == 1
+    assert len(outs) == 3  # dy, dr and the one stacked output of the three partial sums
     return outs[2].shape
 
 
 def test_the_backward_stores_one_partial_sum_per_program(launch):
-    """The parameter gradients' partial sums are summed across each program's blocks: XLA
-    reduces (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, D), not one row per block of ROWS."""
+    """The parameter gradients' partial sums are summed across each program's blocks and
+    stacked: XLA reduces (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, 3, D) once, not one row per
+    block of ROWS, nor three arrays."""
     # BERT's shape, the module's settings: several blocks per program.
     rows_per_program = fused.ROWS * fused.BLOCKS_PER_PROGRAM
-    assert _partial_sums_shape((32, 500, 768)) == (32, -(-500 // rows_per_program), 768)
+    assert _partial_sums_shape((32, 500, 768)) == (32, -(-500 // rows_per_program), 3, 768)
     assert rows_per_program > fused.ROWS
     launch(rows=4, blocks=4)
-    assert _partial_sums_shape((2, 37, 40)) == (2, 3, 40)
+    assert _partial_sums_shape((2, 37, 40)) == (2, 3, 3, 40)
 
 
 def test_bf16_follows_the_written_out_roundings():
@@ -391,3 +392,18 @@ def test_sharded_kernels_equal_one_device_without_gathering():
         assert result[case]["diff"] <= 1e-5, result
         assert result[case]["all_gathers"] == 0, result
     assert result["step"]["split"][0]  # the add-norm output; the parameter gradients are (D,)
+
+
+def test_vmap_over_a_per_feature_operand_runs_one_call_per_slice():
+    """The per-feature operands (D,) are not folded into the batch under vmap; when one of them
+    is batched anyway (here the LayerNorm scale), `batch_parallel` runs the kernels once per
+    slice, and each slice is the unbatched call."""
+    y, dense_bias, residual, scale, bias = _operands((2, 13, 24))
+    scales = scale * jnp.array([1.0, 0.5, 2.0])[:, None]
+    seed = jnp.int32(9)
+    call = lambda s: fused.add_dropout_layer_norm(y, dense_bias, residual, s, bias, seed, 0.1, 1e-12, True)
+    batched = jax.vmap(call)(scales)
+    for i, s in enumerate(scales):
+        np.testing.assert_allclose(batched[i], call(s), atol=1e-6)
+    # The scale matters, so the slices differ.
+    assert float(jnp.max(jnp.abs(batched[0] - batched[2]))) > 0.1

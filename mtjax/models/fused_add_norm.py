@@ -23,7 +23,9 @@ ROWS × 1024: the 768 features as one 1024-wide tile with the columns past 768 m
 rows past L are). What does not depend on the row — the column keys of the mask, the LayerNorm
 scale and bias, the dense bias — it computes or loads once for all its blocks, and the backward
 sums its blocks' parameter gradients in float32 across the loop, so the partial sums XLA
-reduces are (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, D). The loop is a `fori_loop` (Triton's
+reduces are (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, 3, D): one reduction for the three
+gradients. The per-feature operands are (D,), not broadcast over the batch (`batch_parallel`
+replicates them). The loop is a `fori_loop` (Triton's
 scf.for), not unrolled: one block's tile is live at a time, and the code does not grow with
 the blocks per program.
 
@@ -55,6 +57,8 @@ from mtjax.models.dropout import column_key, hash_keep, hash_keep_mask, hash_key
 ROWS = 8                # rows per block: the tile one loop step works on
 BLOCKS_PER_PROGRAM = 8  # blocks each program loops over: ROWS · BLOCKS_PER_PROGRAM rows
 NUM_WARPS = 4
+# The backward's partial sums, in the order of their rows.
+PARTIAL_SUMS = ("layer_norm_scale", "layer_norm_bias", "dense_bias")
 # Run the kernels in Pallas' interpreter (tests that drive the model path on the CPU).
 INTERPRET = False
 
@@ -144,9 +148,11 @@ def _fwd_kernel(base_ref, seed_ref, y_ref, y_bias_ref, r_ref, scale_ref, bias_re
 
 
 def _bwd_kernel(base_ref, seed_ref, dout_ref, dout2_ref, s_ref, mean_ref, rstd_ref, scale_ref,
-                dy_ref, dr_ref, dscale_ref, dbias_ref, dy_bias_ref, *, rate, keep_prob, rows, blocks, seq_len,
+                dy_ref, dr_ref, sums_ref, *, rate, keep_prob, rows, blocks, seq_len,
                 width, block_cols):
-    """dout2_ref: the forked output's second cotangent, or None (not forked)."""
+    """dout2_ref: the forked output's second cotangent, or None (not forked). sums_ref: the
+    program's partial sums of the LayerNorm scale, LayerNorm bias and dense bias gradients,
+    stacked (rows `PARTIAL_SUMS`), so that XLA adds them all up in one reduction."""
     cols, col_ok = _columns(width, block_cols)
     first_row = pl.program_id(0) * (rows * blocks)
     dtype = dy_ref.dtype
@@ -183,10 +189,8 @@ def _bwd_kernel(base_ref, seed_ref, dout_ref, dout2_ref, s_ref, mean_ref, rstd_r
 
     # The parameter gradients' partial sums over the program's rows, in float32, stored once.
     zeros = jnp.zeros((block_cols,), jnp.float32)
-    dscale, dbias, dy_bias = lax.fori_loop(0, blocks, block, (zeros, zeros, zeros))
-    plgpu.store(dscale_ref, dscale, mask=col_ok)
-    plgpu.store(dbias_ref, dbias, mask=col_ok)
-    plgpu.store(dy_bias_ref, dy_bias, mask=col_ok)
+    for row, total in enumerate(lax.fori_loop(0, blocks, block, (zeros, zeros, zeros))):
+        plgpu.store(sums_ref.at[pl.ds(row, 1), :], total[None, :], mask=col_ok[None, :])
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -214,10 +218,13 @@ class _Plan:
         return pl.BlockSpec((None, self.program_rows), lambda i, b: (b, i))
 
     def features(self):
-        return pl.BlockSpec((None, self.block_cols), lambda i, b: (b, 0))
+        """A per-feature parameter (D,): the same for every example."""
+        return pl.BlockSpec((self.block_cols,), lambda i, b: (0,))
 
     def partial_sums(self):
-        return pl.BlockSpec((None, None, self.block_cols), lambda i, b: (b, i, 0))
+        """(B, programs, 3, D): each program's three partial sums (a tile of 4 rows, as Triton's
+        tiles are powers of two; the fourth is never stored)."""
+        return pl.BlockSpec((None, None, 4, self.block_cols), lambda i, b: (b, i, 0, 0))
 
 
 _EXAMPLE = pl.BlockSpec((1,), lambda i, b: (b,))  # the example's index base and seed
@@ -239,7 +246,7 @@ def _fwd_op(rate: float, eps: float, interpret: bool):
             name="add_norm_fwd", **plan.call_args,
         )(base, seeds, y, y_bias, r, scale, bias))
 
-    return batch_parallel(call, "b, b, b l d, b d, b l d, b d, b d -> b l d, b l d, b l, b l", ("l", "d"))
+    return batch_parallel(call, "b, b, b l d, d, b l d, d, d -> b l d, b l d, b l, b l", ("l", "d"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,7 +258,7 @@ def _bwd_op(rate: float, interpret: bool, forked: bool = False):
         s = operands[douts]
         plan = _Plan(s.shape, interpret)
         b, _, d = s.shape
-        partial_sums = jax.ShapeDtypeStruct((b, plan.programs, d), jnp.float32)
+        partial_sums = jax.ShapeDtypeStruct((b, plan.programs, len(PARTIAL_SUMS), d), jnp.float32)
         kernel = functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common)
         if not forked:  # no second cotangent ref: the kernel loads one
             kernel = functools.partial(_one_cotangent, kernel)
@@ -260,14 +267,13 @@ def _bwd_op(rate: float, interpret: bool, forked: bool = False):
             grid=plan.grid,
             in_specs=[_EXAMPLE, _EXAMPLE, *[plan.rows()] * douts, plan.rows(), plan.stats(), plan.stats(),
                       plan.features()],
-            out_specs=[plan.rows(), plan.rows(), plan.partial_sums(), plan.partial_sums(), plan.partial_sums()],
-            out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct(s.shape, s.dtype),
-                       partial_sums, partial_sums, partial_sums],
+            out_specs=[plan.rows(), plan.rows(), plan.partial_sums()],
+            out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct(s.shape, s.dtype), partial_sums],
             name="add_norm_bwd", **plan.call_args,
         )(base, seeds, *operands))
 
-    ins = "b, b, " + "b l d, " * douts + "b l d, b l, b l, b d"
-    return batch_parallel(call, ins + " -> b l d, b l d, b k d, b k d, b k d", ("l", "d", "k"))
+    ins = "b, b, " + "b l d, " * douts + "b l d, b l, b l, d"
+    return batch_parallel(call, ins + " -> b l d, b l d, b k p d", ("l", "d", "k", "p"))
 
 
 def _one_cotangent(kernel, base_ref, seed_ref, dout_ref, *refs):
@@ -297,22 +303,23 @@ def _per_example(seed, batch, seq_len):
 
 
 def _fwd(y, dense_bias, residual, scale, bias, seed, rate, eps, interpret, forked):
-    b, l, d = y.shape
+    b, l, _ = y.shape
     base, seeds = _per_example(seed, b, l)
-    y_bias_b, scale_b, bias_b = (jnp.broadcast_to(p.astype(jnp.float32), (b, d)) for p in (dense_bias, scale, bias))
-    out, s, mean, rstd = _fwd_op(rate, eps, interpret)(base, seeds, y, y_bias_b, residual.astype(y.dtype),
-                                                       scale_b, bias_b)
+    y_bias, scale32, bias32 = (p.astype(jnp.float32) for p in (dense_bias, scale, bias))
+    out, s, mean, rstd = _fwd_op(rate, eps, interpret)(base, seeds, y, y_bias, residual.astype(y.dtype),
+                                                       scale32, bias32)
     # The zero-size arrays only carry the residual's and the parameters' dtypes to the backward.
     dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (dense_bias, residual, scale, bias))
-    return (out, out) if forked else out, (base, seeds, s, mean, rstd, scale_b, jnp.asarray(seed), dtypes)
+    return (out, out) if forked else out, (base, seeds, s, mean, rstd, scale32, jnp.asarray(seed), dtypes)
 
 
 def _bwd(rate, eps, interpret, forked, residuals, d_out):
-    base, seeds, s, mean, rstd, scale_b, seed, (y_bias_like, r_like, scale_like, bias_like) = residuals
+    base, seeds, s, mean, rstd, scale32, seed, (y_bias_like, r_like, scale_like, bias_like) = residuals
     douts = [d.astype(s.dtype) for d in (d_out if forked else (d_out,))]
-    dy, dr, dscale, dbias, dy_bias = _bwd_op(rate, interpret, forked)(base, seeds, *douts, s, mean, rstd, scale_b)
-    return (dy, dy_bias.sum((0, 1)).astype(y_bias_like.dtype), dr.astype(r_like.dtype),
-            dscale.sum((0, 1)).astype(scale_like.dtype), dbias.sum((0, 1)).astype(bias_like.dtype),
+    dy, dr, partial_sums = _bwd_op(rate, interpret, forked)(base, seeds, *douts, s, mean, rstd, scale32)
+    dscale, dbias, dy_bias = partial_sums.sum((0, 1))
+    return (dy, dy_bias.astype(y_bias_like.dtype), dr.astype(r_like.dtype),
+            dscale.astype(scale_like.dtype), dbias.astype(bias_like.dtype),
             np.zeros(seed.shape, jax.dtypes.float0))
 
 
