@@ -86,7 +86,11 @@ class BertSelfAttention(nn.Module):
         heads, depth = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         names = {flash.KEY: "key", flash.VALUE: "value", flash.QUERY: "query"}
         params = [DenseParams(c.hidden_size, name=names[slot])(x.shape[-1]) for slot in sorted(names)]
-        kvq = dense_matmul(x, jnp.concatenate([k for k, _ in params], axis=1), self.dtype)
+        # The three kernels concatenated and cast once, behind a barrier: otherwise XLA casts
+        # each on its own and concatenates them twice (for the forward matmul and again for
+        # the backward's input gradient), five small kernels per layer instead of one.
+        kernel = jax.lax.optimization_barrier(jnp.concatenate([k for k, _ in params], axis=1).astype(self.dtype))
+        kvq = dense_matmul(x, kernel, self.dtype)
         bias = jnp.stack([bias for _, bias in params]).reshape(3, heads, depth)
         seed = flash.seed_from_key(self.make_rng("dropout"))
         out = packed_self_attention(kvq.reshape(b, l, 3, heads, depth), bias, seed,
