@@ -66,8 +66,8 @@ def global_norm(tree) -> jax.Array:
     """`optax.tree.norm(tree)`: √ of the sum of every leaf's squares, summed so that a GPU
     runs about one kernel per large array instead of two. optax sums each array whole, which
     XLA splits into two reductions (and two kernels) per large array. Here each array's
-    squares are summed along its last axis (a row reduction, one kernel, which XLA fuses with
-    whatever produced the gradient), and the row sums of all arrays, with the small arrays'
+    squares are summed along its last axis (a row reduction, one kernel, which XLA can fuse
+    with the gradient's conversion to float32), and the row sums of all arrays, with the small arrays'
     squares, are concatenated and summed once. Only the order of the additions differs from
     optax's."""
     parts = []
