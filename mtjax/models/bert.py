@@ -48,8 +48,10 @@ class BertEmbeddings(nn.Module):
             words = jnp.where(is_pad, jax.lax.stop_gradient(words), words)
         positions = nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embeddings")(
             jnp.arange(seq_len)[None, :])
+        # Every token is of type 0: row 0, broadcast (its gradient is then a sum, where a
+        # lookup per token would scatter-add B·L rows into that one row).
         token_types = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")(
-            jnp.zeros_like(input_ids))
+            jnp.zeros((1, 1), jnp.int32))
         x = words + positions + token_types
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
         x = Dropout(c.hidden_dropout_prob, impl=c.hidden_dropout_impl)(x, deterministic=deterministic)
