@@ -107,8 +107,10 @@ def _recurrence_bwd(dtype, res, dhs):
 
     zeros = jnp.zeros_like(hs[0])
     _, dgates = jax.lax.scan(step, (zeros, zeros), (dhs, cs, c_prev, acts), reverse=True, unroll=SCAN_UNROLL)
-    # The recurrent weight's gradient over all steps at once (T·B rows), in float32.
-    d_w = jnp.einsum("tzbh,tzbg->zhg", h_prev, dgates).astype(w_hh.dtype)
+    # The recurrent weight's gradient over all steps at once (T·B rows): operands in the
+    # compute dtype, float32 accumulation, as every other weight gradient of the step.
+    d_w = jnp.einsum("tzbh,tzbg->zhg", h_prev.astype(dtype), dgates.astype(dtype),
+                     preferred_element_type=jnp.float32).astype(w_hh.dtype)
     return dgates, d_w, jnp.sum(dgates, axis=(0, 2))
 
 

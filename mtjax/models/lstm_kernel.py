@@ -284,8 +284,10 @@ def _recurrence_bwd(dtype, res, dhs):
     # The padded rows' cotangents are zero, so are their gate gradients: they add nothing below.
     dgates = _backward_op(jnp.dtype(dtype))(_pad_batch(dhs), cs, acts, w_hh)
     h_prev = jnp.pad(hs[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
-    # The recurrent weight's gradient over all steps at once (B·T rows), in float32.
-    d_w = jnp.einsum("btzh,btzg->zhg", h_prev, dgates).astype(w_hh.dtype)
+    # The recurrent weight's gradient over all steps at once (B·T rows): operands in the
+    # compute dtype, float32 accumulation, as every other weight gradient of the step.
+    d_w = jnp.einsum("btzh,btzg->zhg", h_prev.astype(dtype), dgates.astype(dtype),
+                     preferred_element_type=jnp.float32).astype(w_hh.dtype)
     return dgates[:batch], d_w, jnp.sum(dgates, axis=(0, 1))
 
 
