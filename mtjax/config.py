@@ -148,6 +148,11 @@ class ModelConfig:
     # need all of the GPU's multiprocessors at once: not for processes capped to a share
     # of them (CUDA MPS).
     lstm_impl: str = "scan"
+    # How HICCAP's own dropout masks are drawn (fusion blocks, projections, heads; BERT's
+    # are bert.hidden_dropout_impl and its attention path's): 'threefry' = flax's
+    # nn.Dropout; 'hash' = mtjax.models.dropout's counter hash, the same distribution with
+    # other bits and cheaper on GPUs. Not the weights: may change on a checkpoint.
+    dropout_impl: str = "threefry"
     fusion_heads: int = 12
     head_dims: tuple[int, ...] = (200, 40, 20)
     # Compute dtype; parameters stay float32.
@@ -188,6 +193,8 @@ class ModelConfig:
                 raise ConfigError(f"hidden size {d} is not divisible by {name}={heads}")
         if self.lstm_impl not in LSTM_IMPLS:
             raise ConfigError(f"model.lstm_impl must be one of {LSTM_IMPLS}, got {self.lstm_impl!r}")
+        if self.dropout_impl not in DROPOUT_IMPLS:
+            raise ConfigError(f"model.dropout_impl must be one of {DROPOUT_IMPLS}, got {self.dropout_impl!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         for name in ("text_len", "video_len", "audio_len", "video_dim", "audio_dim",

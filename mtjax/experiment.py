@@ -25,8 +25,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
-from mtjax.config import (BERT_RUNTIME_FIELDS, BINARY_TASK, LSTM_IMPLS, POOLING_MODES, VARIANTS, BertConfig,
-                          ConfigError, ModelConfig)
+from mtjax.config import (BERT_RUNTIME_FIELDS, BINARY_TASK, DROPOUT_IMPLS, LSTM_IMPLS, POOLING_MODES, VARIANTS,
+                          BertConfig, ConfigError, ModelConfig)
 
 # Names the MTL registry knows (mtjax/mtl/registry.py); a plain list here keeps config
 # loading free of jax/optax imports. tests/test_experiment_config.py checks they agree.
@@ -329,7 +329,8 @@ def _build(cls, data: Any, prefix: str):
 
 def _check_model_overrides(m: ModelSection) -> dict[str, Any]:
     ov = _check_fields(ModelConfig, m.overrides, "model.overrides", partial=True, nested_as_dict=True)
-    choices = {"variant": VARIANTS, "pooling": POOLING_MODES, "dtype": MODEL_DTYPES, "lstm_impl": LSTM_IMPLS}
+    choices = {"variant": VARIANTS, "pooling": POOLING_MODES, "dtype": MODEL_DTYPES, "lstm_impl": LSTM_IMPLS,
+               "dropout_impl": DROPOUT_IMPLS}
     for name, allowed in choices.items():
         if name in ov and ov[name] not in allowed:
             raise _err(f"model.overrides.{name}: must be one of {', '.join(allowed)}; "

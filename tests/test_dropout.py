@@ -3,6 +3,7 @@ nn.Dropout's distribution (keep rate, scale, independence across seeds and posit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -11,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtjax.config import BertConfig, ConfigError
+from mtjax.config import BertConfig, ConfigError, tiny_model_config
 from mtjax.models.bert import FlaxBert
 from mtjax.models.dropout import Dropout, hash_keep_mask
+from mtjax.models.hiccap import HICCAP, MODEL_INPUTS, init_variables
+from tests._support import random_batch
 
 
 def _apply(module, x, key, deterministic=False):
@@ -100,3 +103,47 @@ def test_row_column_hash_leaves_no_pair_of_rows_or_columns_correlated():
     for pairs in (_pair_correlations(mask), _pair_correlations(mask[:, :512].T)):
         assert abs(pairs.var() - 1) < 0.05, pairs.var()  # ~130,000 pairs: σ of the variance ≈ 0.004
         assert np.abs(pairs).max() < 6.5, np.abs(pairs).max()
+
+
+def _random_draws(jaxpr) -> list[int]:
+    """Sizes of the outputs of every PRNG draw (`random_bits`, threefry) in a jaxpr, sub-jaxprs included."""
+    from jax.extend.core import jaxprs_in_params
+
+    sizes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("random_bits", "threefry2x32"):
+            sizes += [math.prod(v.aval.shape) for v in eqn.outvars]
+        for sub in jaxprs_in_params(eqn.params):
+            sizes += _random_draws(sub)
+    return sizes
+
+
+def test_hiccap_dropout_impl_draws_every_fusion_mask_by_hash():
+    """`model.dropout_impl='hash'`: HICCAP's own dropouts (fusion blocks, projections,
+    heads) draw their masks by hash: with BERT's on hash too ('flash' attention, hash hidden
+    dropout), the PRNG draws only the per-layer scalar seeds, no mask. Same parameters, eval
+    unchanged, other training masks."""
+    base = tiny_model_config(text_len=24)
+    base = base.replace(bert=dataclasses.replace(base.bert, attention_impl="flash", hidden_dropout_impl="hash"))
+    hashed = base.replace(dropout_impl="hash")
+    variables = init_variables(base, jax.random.key(0))
+    assert jax.tree.structure(init_variables(hashed, jax.random.key(0))) == jax.tree.structure(variables)
+    inputs = {k: v for k, v in random_batch(base, 3, seed=1).items() if k in MODEL_INPUTS}
+
+    def train(config, key):
+        return HICCAP(config).apply(variables, inputs, train=True, rngs={"dropout": key},
+                                    mutable=["batch_stats"])[0]
+
+    draws = {c.dropout_impl: _random_draws(jax.make_jaxpr(lambda k, c=c: train(c, k))(jax.random.key(2)).jaxpr)
+             for c in (base, hashed)}
+    assert max(draws["threefry"]) >= 3 * 24 * 32  # the fusion's masks (a control: the walk finds them)
+    assert max(draws["hash"]) <= 2, draws["hash"]  # seeds only
+    for a, b in zip(jax.tree.leaves(HICCAP(base).apply(variables, inputs)),
+                    jax.tree.leaves(HICCAP(hashed).apply(variables, inputs))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out = {c.dropout_impl: train(c, jax.random.key(2)) for c in (base, hashed)}
+    for t in out["hash"]:
+        assert np.all(np.isfinite(np.asarray(out["hash"][t])))
+    assert any(not np.allclose(np.asarray(out["hash"][t]), np.asarray(out["threefry"][t])) for t in out["hash"])
+    with pytest.raises(ConfigError, match="model.dropout_impl must be one of"):
+        base.replace(dropout_impl="philox")

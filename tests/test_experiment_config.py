@@ -139,6 +139,7 @@ def test_override_list_becomes_tuple_and_is_checked_against_weights():
     ("optim.lr=fast", ["optim.lr", "expected float", "'fast'"]),
     ("train.epochs=[1", ["train.epochs=[1", "not valid YAML"]),
     ("model.overrides.lstm_impl=cudnn", ["model.overrides.lstm_impl", "scan, kernel", "'cudnn'"]),
+    ("model.overrides.dropout_impl=philox", ["model.overrides.dropout_impl", "threefry, hash", "'philox'"]),
 ])
 def test_bad_overrides(override, needles):
     raises(lambda: load_experiment(CONFIGS / "demo.yaml", [override]), *needles)
@@ -343,11 +344,13 @@ def test_checkpoint_tasks_checked_against_weights(tiny_checkpoint):
     raises(lambda: resolve_model_config(e), "loss.weights", "lacks mature")
 
 
-def test_lstm_impl_may_change_on_a_checkpoint(tiny_checkpoint):
-    # How the LSTMs run is not fixed by the weights (as BERT's runtime fields are not).
+@pytest.mark.parametrize("field, value", [("lstm_impl", "kernel"), ("dropout_impl", "hash")])
+def test_runtime_fields_may_change_on_a_checkpoint(tiny_checkpoint, field, value):
+    # How the LSTMs run and how the fusion's dropout masks are drawn are not fixed by the
+    # weights (as BERT's runtime fields are not).
     path, _ = tiny_checkpoint
-    e = ExperimentConfig.from_dict(minimal(model={"init_checkpoint": str(path), "overrides": {"lstm_impl": "kernel"}}))
-    assert resolve_model_config(e).lstm_impl == "kernel"
+    e = ExperimentConfig.from_dict(minimal(model={"init_checkpoint": str(path), "overrides": {field: value}}))
+    assert getattr(resolve_model_config(e), field) == value
 
 
 def test_checkpoint_override_invalid_for_its_config(tiny_checkpoint):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mtjax.models.attention import Dense, dot_product_attention, split_heads
+from mtjax.models.dropout import Dropout
 
 # The fusion's LayerNorms all use PyTorch's default eps (SPEC §2).
 FUSION_LN_EPS = 1e-5
@@ -24,6 +25,7 @@ class BertOutAttention(nn.Module):
     hidden_size: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "threefry"  # ModelConfig.dropout_impl
 
     @nn.compact
     def __call__(self, hidden, context, context_mask, *, deterministic: bool):
@@ -32,7 +34,7 @@ class BertOutAttention(nn.Module):
         k = split_heads(dense("key")(context), self.num_heads)
         v = split_heads(dense("value")(context), self.num_heads)
         bias = ((1.0 - context_mask.astype(jnp.float32)) * MASK_NEG)[:, None, None, :]
-        return dot_product_attention(q, k, v, bias=bias, dropout=nn.Dropout(0.1),
+        return dot_product_attention(q, k, v, bias=bias, dropout=Dropout(0.1, impl=self.dropout_impl),
                                      deterministic=deterministic)
 
 
@@ -41,10 +43,11 @@ class DropNorm(nn.Module):
 
     rate: float = 0.2
     dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "threefry"  # ModelConfig.dropout_impl
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        x = nn.Dropout(self.rate)(x, deterministic=deterministic)
+        x = Dropout(self.rate, impl=self.dropout_impl)(x, deterministic=deterministic)
         return nn.LayerNorm(epsilon=FUSION_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -53,12 +56,13 @@ class Projection(nn.Module):
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "threefry"  # ModelConfig.dropout_impl
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
         x = Dense(self.features, dtype=self.dtype, name="linear")(x)
         x = nn.LayerNorm(epsilon=FUSION_LN_EPS, dtype=self.dtype, name="norm")(x)
-        return nn.Dropout(0.3)(x, deterministic=deterministic)
+        return Dropout(0.3, impl=self.dropout_impl)(x, deterministic=deterministic)
 
 
 def faithful_pool_weights(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -109,11 +113,12 @@ class CrossBranch(nn.Module):
     hidden_size: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "threefry"  # ModelConfig.dropout_impl
 
     def setup(self):
-        self.attention = BertOutAttention(self.hidden_size, self.num_heads, self.dtype)
-        self.drop_norm1 = DropNorm(0.2, self.dtype)
-        self.drop_norm2 = DropNorm(0.2, self.dtype)
+        self.attention = BertOutAttention(self.hidden_size, self.num_heads, self.dtype, self.dropout_impl)
+        self.drop_norm1 = DropNorm(0.2, self.dtype, self.dropout_impl)
+        self.drop_norm2 = DropNorm(0.2, self.dtype, self.dropout_impl)
 
     def __call__(self, query, first, first_mask, second, second_mask, *, deterministic: bool,
                  capture: dict | None = None, prefix: str = ""):

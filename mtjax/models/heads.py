@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from mtjax.models.dropout import Dropout
+
 
 class TorchBatchNorm(nn.Module):
     """`torch.nn.BatchNorm1d` semantics, which Flax's BatchNorm does not match exactly.
@@ -53,6 +55,7 @@ class TaskHead(nn.Module):
 
     dims: Sequence[int] = (200, 40, 20)
     dtype: jnp.dtype = jnp.float32
+    dropout_impl: str = "threefry"  # ModelConfig.dropout_impl
 
     @nn.compact
     def __call__(self, x, *, train: bool, deterministic: bool, mask=None):
@@ -60,9 +63,9 @@ class TaskHead(nn.Module):
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
         x = dense(h0, "linear0")(x)
         x = TorchBatchNorm(name="bn0")(x, train=train, mask=mask)
-        x = nn.Dropout(0.3)(x, deterministic=deterministic)
+        x = Dropout(0.3, impl=self.dropout_impl)(x, deterministic=deterministic)
         x = dense(h1, "linear1")(x)
         x = TorchBatchNorm(name="bn1")(x, train=train, mask=mask)
-        x = nn.Dropout(0.3)(x, deterministic=deterministic)
+        x = Dropout(0.3, impl=self.dropout_impl)(x, deterministic=deterministic)
         x = dense(h2, "linear2")(x)
         return dense(2, "linear3")(x).astype(jnp.float32)

@@ -31,24 +31,24 @@ class HICCAP(nn.Module):
     def setup(self):
         c = self.config
         d = c.hidden_size
-        dt = jnp.dtype(c.dtype)
+        dt, drop = jnp.dtype(c.dtype), c.dropout_impl
         self.bert = FlaxBert(c.bert, dt)
         self.rnn_img = BiLSTM(c.lstm_hidden, c.lstm_layers, dt, c.lstm_impl)
-        self.rnn_img_drop_norm = DropNorm(0.2, dt)
+        self.rnn_img_drop_norm = DropNorm(0.2, dt, drop)
         self.rnn_audio = BiLSTM(c.lstm_hidden, c.lstm_layers, dt, c.lstm_impl)
-        self.rnn_audio_drop_norm = DropNorm(0.2, dt)
-        self.sequential_audio = Projection(d, dt)
-        self.sequential_image = Projection(d, dt)
-        self.att1 = CrossBranch(d, c.fusion_heads, dt)
-        self.att2 = CrossBranch(d, c.fusion_heads, dt)
-        self.att3 = CrossBranch(d, c.fusion_heads, dt)
+        self.rnn_audio_drop_norm = DropNorm(0.2, dt, drop)
+        self.sequential_audio = Projection(d, dt, drop)
+        self.sequential_image = Projection(d, dt, drop)
+        self.att1 = CrossBranch(d, c.fusion_heads, dt, drop)
+        self.att2 = CrossBranch(d, c.fusion_heads, dt, drop)
+        self.att3 = CrossBranch(d, c.fusion_heads, dt, drop)
         self.attention = AdditivePooling(d, c.pooling, dt)
-        self.attention_drop_norm = DropNorm(0.2, dt)
+        self.attention_drop_norm = DropNorm(0.2, dt, drop)
         self.attention_audio = AdditivePooling(d, c.pooling, dt)
-        self.attention_audio_drop_norm = DropNorm(0.2, dt)
+        self.attention_audio_drop_norm = DropNorm(0.2, dt, drop)
         self.attention_image = AdditivePooling(d, c.pooling, dt)
-        self.attention_image_drop_norm = DropNorm(0.2, dt)
-        self.heads = {task: TaskHead(c.head_dims, dt) for task in c.tasks}
+        self.attention_image_drop_norm = DropNorm(0.2, dt, drop)
+        self.heads = {task: TaskHead(c.head_dims, dt, drop) for task in c.tasks}
 
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False,
                  deterministic: bool | None = None, capture: dict | None = None):
