@@ -111,3 +111,13 @@ def compare_sharded(fn, args, sharded_args) -> dict:
     return {"diff": max_tree_diff(single, got), "all_gathers": hlo.count("all-gather"),
             "split": [len(x.sharding.device_set) == jax.device_count() and not x.sharding.is_fully_replicated
                       for x in jax.tree.leaves(got)]}
+
+
+def jaxpr_equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (scans, conds, custom rules) included."""
+    from jax.extend.core import jaxprs_in_params
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jaxprs_in_params(eqn.params):
+            yield from jaxpr_equations(sub)

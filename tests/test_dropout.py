@@ -16,7 +16,7 @@ from mtjax.config import BertConfig, ConfigError, tiny_model_config
 from mtjax.models.bert import FlaxBert
 from mtjax.models.dropout import Dropout, hash_keep_mask
 from mtjax.models.hiccap import HICCAP, MODEL_INPUTS, init_variables
-from tests._support import random_batch
+from tests._support import jaxpr_equations, random_batch
 
 
 def _apply(module, x, key, deterministic=False):
@@ -107,15 +107,8 @@ def test_row_column_hash_leaves_no_pair_of_rows_or_columns_correlated():
 
 def _random_draws(jaxpr) -> list[int]:
     """Sizes of the outputs of every PRNG draw (`random_bits`, threefry) in a jaxpr, sub-jaxprs included."""
-    from jax.extend.core import jaxprs_in_params
-
-    sizes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("random_bits", "threefry2x32"):
-            sizes += [math.prod(v.aval.shape) for v in eqn.outvars]
-        for sub in jaxprs_in_params(eqn.params):
-            sizes += _random_draws(sub)
-    return sizes
+    return [math.prod(v.aval.shape) for eqn in jaxpr_equations(jaxpr)
+            if eqn.primitive.name in ("random_bits", "threefry2x32") for v in eqn.outvars]
 
 
 def test_hiccap_dropout_impl_draws_every_fusion_mask_by_hash():

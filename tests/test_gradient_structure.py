@@ -10,16 +10,7 @@ import numpy as np
 from mtjax.config import BertConfig
 from mtjax.models import lstm, lstm_kernel
 from mtjax.models.bert import FlaxBert
-
-
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, sub-jaxprs (scans, custom rules) included."""
-    from jax.extend.core import jaxprs_in_params
-
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jaxprs_in_params(eqn.params):
-            yield from _eqns(sub)
+from tests._support import jaxpr_equations
 
 
 def test_token_type_gradient_is_a_sum_not_a_scatter_of_every_token():
@@ -32,7 +23,7 @@ def test_token_type_gradient_is_a_sum_not_a_scatter_of_every_token():
     params = FlaxBert(cfg).init(jax.random.key(1), ids)
     loss = lambda p: jnp.sum(FlaxBert(cfg).apply(p, ids) ** 2)
     token_table = params["params"]["embeddings"]["token_type_embeddings"]["embedding"].shape
-    scatters = [eqn for eqn in _eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    scatters = [eqn for eqn in jaxpr_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
                 if eqn.primitive.name.startswith("scatter") and eqn.invars[0].aval.shape == token_table]
     assert scatters, "control: the token-type table's gradient is found"
     for eqn in scatters:
@@ -56,7 +47,7 @@ def test_lstm_recurrent_weight_gradient_runs_in_the_compute_dtype():
         "kernel": lambda w: jnp.sum(lstm_kernel.recurrence(jnp.moveaxis(projected, 2, 0), w, b_hh, jnp.bfloat16)),
     }
     for name, loss in forms.items():
-        dots = [eqn for eqn in _eqns(jax.make_jaxpr(jax.grad(loss))(w_hh).jaxpr)
+        dots = [eqn for eqn in jaxpr_equations(jax.make_jaxpr(jax.grad(loss))(w_hh).jaxpr)
                 if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == w_hh.shape]
         assert len(dots) == 1, (name, dots)
         (dot,) = dots
