@@ -4,7 +4,8 @@ Runs in a subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count=4` (
 devices), so the flag never leaks into the other tests' JAX. Two steps with dropout ON and
 BatchNorm in batch-statistics mode: equal losses and parameters (≤ 1e-5) show that the
 gradients are all-reduced, that BatchNorm sees the GLOBAL batch (a per-shard mean over 2
-clips would differ at once) and that dropout draws the same bits under sharding.
+clips would differ at once) and that dropout draws the same bits under sharding: threefry's
+masks, and the hash masks (`bert.hidden_dropout_impl`, `model.dropout_impl`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.test_parity import _gradient_is_analytically_zero
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(r"""
-    import json
+    import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np
     from mtjax.config import ModelConfig
     from mtjax.models.hiccap import init_variables
@@ -38,16 +39,18 @@ SCRIPT = textwrap.dedent(r"""
                                 intermediate_size=32, max_position_embeddings=16),
                       text_len=12, video_len=4, audio_len=5, video_dim=8, audio_dim=6, lstm_hidden=8,
                       lstm_layers=1, fusion_heads=2, head_dims=(12, 8, 4))
+    # The hash masks (BERT's hidden states, HICCAP's own dropouts) too: drawn from iotas that
+    # XLA partitions, so a shard draws its examples' global bits.
+    hashed = cfg.replace(bert=dataclasses.replace(cfg.bert, hidden_dropout_impl="hash"), dropout_impl="hash")
     opt = make_optimizer("adam", lr=1e-4)  # LR below
     weighting = predefined((0.1, 0.4, 0.2, 0.2))
-    step_fn = make_train_step(cfg, opt, weighting)          # dropout ON (deterministic=False)
     mask = jnp.ones(4, jnp.float32)
     batches = [random_batch(cfg, 8, seed=s) for s in (1, 2)]
     for b in batches:
         b["example_mask"] = np.ones(8, np.float32)
 
     def fresh_state():
-        variables = init_variables(cfg, jax.random.PRNGKey(0))
+        variables = init_variables(cfg, jax.random.PRNGKey(0))  # same parameters for `hashed`
         return init_train_state(variables, opt, weighting, None, num_tasks=4, rng=jax.random.PRNGKey(3))
 
     def run(step, state, place):
@@ -63,29 +66,36 @@ SCRIPT = textwrap.dedent(r"""
         flat = jax.tree_util.tree_flatten_with_path({"params": state.params, "batch_stats": state.batch_stats})[0]
         return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x, np.float64) for path, x in flat}
 
-    single_state, single_losses, single_norms = run(jax.jit(step_fn), fresh_state(), lambda b: b)
-    ref = leaves(single_state)
-    out = {"single_losses": single_losses, "single_norms": single_norms}
-    for name, pcfg in (("dp", ParallelConfig(enabled=True)),
-                       ("fsdp", ParallelConfig(enabled=True, fsdp=True, fsdp_min_size=256))):
-        mesh = make_mesh(pcfg)
-        state = fresh_state()
-        shardings = state_shardings(state, mesh, pcfg)
-        state = jax.device_put(state, shardings)
-        step = parallel_train_step(step_fn, mesh, shardings, pcfg)
-        first = shard_batch(batches[0], mesh, pcfg)
-        state, losses, norms = run(step, state, lambda b: shard_batch(b, mesh, pcfg))
-        got = leaves(state)
-        params = jax.tree_util.tree_leaves(state.params)
-        out[name] = {
-            "losses": losses, "norms": norms,
-            "diffs": {k: float(np.max(np.abs(got[k] - ref[k]))) for k in ref},
-            "batch_devices": len(first["video"].sharding.device_set),
-            "batch_shard_rows": sorted({s.data.shape[0] for s in first["video"].addressable_shards}),
-            "param_devices": min(len(p.sharding.device_set) for p in params),
-            "split_params": sum(not p.sharding.is_fully_replicated for p in params),
-            "n_params": len(params),
-        }
+    def compare(model, modes):
+        # The single-device run of `model`, then each parallel mode's against it.
+        step_fn = make_train_step(model, opt, weighting)          # dropout ON (deterministic=False)
+        single_state, single_losses, single_norms = run(jax.jit(step_fn), fresh_state(), lambda b: b)
+        ref = leaves(single_state)
+        result = {"single_losses": single_losses, "single_norms": single_norms}
+        for name, pcfg in modes:
+            mesh = make_mesh(pcfg)
+            state = fresh_state()
+            shardings = state_shardings(state, mesh, pcfg)
+            state = jax.device_put(state, shardings)
+            step = parallel_train_step(step_fn, mesh, shardings, pcfg)
+            first = shard_batch(batches[0], mesh, pcfg)
+            state, losses, norms = run(step, state, lambda b: shard_batch(b, mesh, pcfg))
+            got = leaves(state)
+            params = jax.tree_util.tree_leaves(state.params)
+            result[name] = {
+                "losses": losses, "norms": norms,
+                "diffs": {k: float(np.max(np.abs(got[k] - ref[k]))) for k in ref},
+                "batch_devices": len(first["video"].sharding.device_set),
+                "batch_shard_rows": sorted({s.data.shape[0] for s in first["video"].addressable_shards}),
+                "param_devices": min(len(p.sharding.device_set) for p in params),
+                "split_params": sum(not p.sharding.is_fully_replicated for p in params),
+                "n_params": len(params),
+            }
+        return result
+
+    dp = ("dp", ParallelConfig(enabled=True))
+    fsdp = ("fsdp", ParallelConfig(enabled=True, fsdp=True, fsdp_min_size=256))
+    out = {"threefry": compare(cfg, (dp, fsdp)), "hash": compare(hashed, (dp,))}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -116,8 +126,9 @@ def result():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["dp", "fsdp"])
-def test_sharded_step_equals_single_device_step(result, mode):
+@pytest.mark.parametrize("masks, mode", [("threefry", "dp"), ("threefry", "fsdp"), ("hash", "dp")])
+def test_sharded_step_equals_single_device_step(result, masks, mode):
+    result = result[masks]
     r = result[mode]
     # The batch really is split 4 ways (2 of the 8 clips per device) ...
     assert r["batch_devices"] == 4 and r["batch_shard_rows"] == [2]
