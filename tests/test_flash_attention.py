@@ -135,6 +135,10 @@ def test_packed_triton_lowering_for_cuda():
     assert "output_operand_aliases" in calls["flash_attention_dkdv"]
     assert "output_operand_aliases" not in calls["flash_attention_dq"]
     assert "stablehlo.pad" not in text and "stablehlo.concatenate" not in text
+    # The kernels read q, k, v where they lie in the packed projection and add the biases
+    # themselves: no slices of it, no bias adds on (B, L, H, d) arrays around them.
+    assert "stablehlo.slice" not in text
+    assert not re.search(r"stablehlo\.add .*tensor<2x500x12x64x", text)
     # No einsum for delta, no reduction of the cotangent: only (B, n_blocks, ...) sums are reduced.
     assert "stablehlo.dot_general" not in text
     assert not re.search(r"stablehlo\.reduce\(.*tensor<2x500x", text)
@@ -155,14 +159,17 @@ def test_unpack_reads_the_slots_with_their_biases():
     np.testing.assert_array_equal(v, kvq[:, :, flash.VALUE] + bias[flash.VALUE])
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.1])
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16)])
-def test_packed_kernels_match_reference_with_biases(blocks):
+def test_packed_kernels_match_reference_with_biases(blocks, rate):
+    # The kernels add the biases their own way (q + b_q once per row, b_v weighted by the
+    # row's kept probability mass, b_k not at all): the reference adds all three to q, k, v.
     kvq, bias = _packed((2, 37, 3, 16), seed=4)
     seed = flash.seed_from_key(jax.random.key(7))
     block_q, block_k = blocks
     tiles = flash.Blocks(fwd_q=block_q, fwd_k=block_k, bwd_q=block_k, bwd_k=block_q)
-    kernel = lambda kvq, bias: flash.flash_attention_packed(kvq, bias, seed, 0.1, tiles, True)
-    reference = lambda kvq, bias: flash.attention_reference(*flash.unpack(kvq, bias), seed, 0.1)
+    kernel = lambda kvq, bias: flash.flash_attention_packed(kvq, bias, seed, rate, tiles, True)
+    reference = lambda kvq, bias: flash.attention_reference(*flash.unpack(kvq, bias), seed, rate)
     out_k, vjp_k = jax.vjp(kernel, kvq, bias)
     out_r, vjp_r = jax.vjp(reference, kvq, bias)
     np.testing.assert_allclose(out_k, out_r, atol=2e-6)
@@ -185,8 +192,9 @@ def test_dq_kernel_computes_delta(dtype):
     # the last lies wholly past it, and its masked stores must leave delta's rows alone.
     blocks, rate = flash.Blocks(fwd_q=32, fwd_k=16, bwd_q=16, bwd_k=16), 0.1
     seeds = flash._batch_seeds(jnp.int32(3), q.shape[0])
-    out, lse = flash._fwd_op(rate, blocks, True)(seeds, q, k, v)
-    _, delta, _ = flash._dq_op(rate, blocks, True)(seeds, q, k, v, d_out, lse, out)
+    no_bias = jnp.zeros((3, *q.shape[2:]), dtype)
+    out, lse, qb = flash._fwd_op(rate, blocks, True, False)(seeds, q, k, v, no_bias)
+    _, delta, _, _ = flash._dq_op(rate, blocks, True, False)(seeds, qb, k, v, no_bias, d_out, lse, out)
     expected = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
     # bfloat16 products are exact in float32: only the order of the 16-term sums differs.
     np.testing.assert_allclose(delta, expected, rtol=1e-6, atol=1e-6)

@@ -34,15 +34,23 @@ def _per_example_operands(rule: str) -> tuple[bool, ...]:
     return tuple(o.split()[:1] == ["b"] for o in operands)
 
 
-def batch_parallel(call, rule: str, replicated: tuple[str, ...]):
+def _factors_after_batch(rule: str) -> tuple[str, ...]:
+    """Every factor of `rule` but the batch's, in order of first appearance (as Shardy wants
+    `need_replication_factors`)."""
+    factors = dict.fromkeys(f for f in rule.replace("->", ",").replace(",", " ").split() if f != "b")
+    return tuple(factors)
+
+
+def batch_parallel(call, rule: str, replicated: tuple[str, ...] | None = None):
     """`call` (operands -> tuple of batch-first results, each example on its own) as one
     operation that batch sharding and vmap both keep batch-parallel. `rule` is the Shardy
     rule (factor `b` the batch; `infer` is GSPMD's), `replicated` its factors that must not
-    be split. Operands whose rule does not begin with `b` (per-feature parameters) are the
-    same for every example: replicated, and passed as they are. Under vmap (the per-task
-    backward of train_step) the vmapped axis is folded into the batch: (T, B, ...) ->
-    (B·T, ...), batch-major so that a sharded batch stays sharded; operands carry their
-    example's seed, so folding changes nothing. On one device `call` is lowered as is."""
+    be split (by default every factor but b). Operands whose rule does not begin with `b`
+    (per-feature parameters) are the same for every example: replicated, and passed as they
+    are. Under vmap (the per-task backward of train_step) the vmapped axis is folded into the
+    batch: (T, B, ...) -> (B·T, ...), batch-major so that a sharded batch stays sharded;
+    operands carry their example's seed, so folding changes nothing. On one device `call` is
+    lowered as is."""
     per_example = _per_example_operands(rule)
     # The shardings follow operand 1 (operand 0 may be a small per-example array).
     lead = per_example.index(True, 1)
@@ -57,7 +65,7 @@ def batch_parallel(call, rule: str, replicated: tuple[str, ...]):
 
     partitioned = custom_partitioning(call)
     partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                              need_replication_factors=replicated)
+                              need_replication_factors=replicated or _factors_after_batch(rule))
 
     @custom_vmap
     def op(*operands):

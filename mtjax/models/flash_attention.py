@@ -131,16 +131,22 @@ def _in_sequence(positions, seq_len, padded_len):
     return None if seq_len == padded_len else positions < seq_len
 
 
-def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, seq_len, padded_len,
-                block_q, block_k):
+def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, bq_ref, bv_ref, o_ref, lse_ref, qb_ref, *, scale, rate,
+                seq_len, padded_len, block_q, block_k):
+    # q/k/v_ref: the projection as it comes (packed or not), before its biases bq/bv_ref (in its
+    # dtype); the key bias is never read: it adds q·b_k to a whole row of scores, which the
+    # softmax cancels. qb_ref: q + b_q, this program's rows, for the backward kernels.
     i, h = pl.program_id(0), pl.program_id(2)
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     row_ok = _in_sequence(rows, seq_len, padded_len)
-    q = _load(q_ref, None if row_ok is None else row_ok[:, None])
+    row_ok2 = None if row_ok is None else row_ok[:, None]
+    q = _load(q_ref, row_ok2)
+    q = q + bq_ref[...].astype(q.dtype)[None, :]  # in q's dtype, as Dense adds it
+    _store(qb_ref, q, row_ok2)
     row_keys = _row_keys(seed_ref[0], h, rows)
 
     def body(j, carry):
-        acc, m, l = carry
+        acc, m, l, kept = carry
         keys = pl.ds(j * block_k, block_k)
         cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         col_ok = _in_sequence(cols, seq_len, padded_len)
@@ -155,20 +161,25 @@ def _fwd_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, s
         l = l * alpha + jnp.sum(p, axis=1)  # the softmax normaliser counts dropped entries too
         if rate > 0:
             p = jnp.where(_keep(row_keys, cols, rate), p, 0.0)
+            kept = kept * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, l, kept
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, padded_len // block_k, body, init)
-    _store(o_ref, (acc * (1.0 / ((1.0 - rate) * l))[:, None]).astype(o_ref.dtype),
-           None if row_ok is None else row_ok[:, None])
+    stats = jnp.zeros((block_q,), jnp.float32)
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32), stats, stats)
+    acc, m, l, kept = lax.fori_loop(0, padded_len // block_k, body, init)
+    # Σ_j p̃_ij (v_j + b_v) = Σ_j p̃_ij v_j + b_v Σ_j p̃_ij: the value bias enters once per row,
+    # weighted by the row's kept probability mass (all of it without dropout).
+    kept = kept if rate > 0 else l
+    acc = acc + kept[:, None] * bv_ref[...].astype(jnp.float32)[None, :]
+    _store(o_ref, (acc * (1.0 / ((1.0 - rate) * l))[:, None]).astype(o_ref.dtype), row_ok2)
     _store(lse_ref, m + jnp.log(l), row_ok)
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, *, scale, rate):
+def _probs_and_dscores(q, k, v, do, lse, delta, delta_kept, row_keys, cols, col_ok, *, scale, rate):
     """Backward block: recomputed probabilities, their dropped version, and dL/dscores.
-    Rows past the sequence have q = dO = 0 (masked loads), so they add nothing to dK/dV."""
+    Rows past the sequence have q = dO = 0 (masked loads), so they add nothing to dK/dV.
+    The value bias is in `delta_kept` (`_dq_kernel`): v here is without it."""
     s = plgpu.dot(q, k, trans_b=True) * scale
     p = jnp.exp(s - lse[:, None])
     if col_ok is not None:
@@ -177,11 +188,10 @@ def _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, *, scale
     if rate > 0:
         keep = _keep(row_keys, cols, rate)
         p_dropped = jnp.where(keep, p, 0.0) * (1.0 / (1.0 - rate))
-        dp = jnp.where(keep, dp, 0.0) * (1.0 / (1.0 - rate))
-    else:
-        p_dropped = p
-    # delta = rowsum(dO ∘ O) = rowsum(P ∘ dP_dropped): the softmax backward without the full row.
-    return p_dropped, p * (dp - delta[:, None])
+        # dS = P ∘ (dP̃ − delta), dP̃ = keep ∘ (dO·(v + b_v)) / (1 − rate): kept entries
+        # P ∘ (dO·v / (1 − rate) − delta_kept), dropped ones −P ∘ delta.
+        return p_dropped, p * jnp.where(keep, dp * (1.0 / (1.0 - rate)) - delta_kept[:, None], -delta[:, None])
+    return p, p * (dp - delta_kept[:, None])
 
 
 def _column_sums(tile, valid):
@@ -194,10 +204,12 @@ def _column_sums(tile, valid):
     return jnp.sum(tile, axis=0)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, dq_sums_ref, *,
-               scale, rate, seq_len, padded_len, block_q, block_k):
-    # dq_ref: this block's tile of the packed cotangent's QUERY slot (the dK/dV kernel, run
-    # next, fills the rest of the buffer); delta_ref: its rows' delta, which that kernel reads.
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bv_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, delta_kept_ref,
+               dq_sums_ref, *, scale, rate, seq_len, padded_len, block_q, block_k):
+    # q_ref: q + b_q (the forward's qb); k/v_ref: as the forward read them, bv_ref: the value
+    # bias. dq_ref: this block's tile of the packed cotangent's QUERY slot (the dK/dV kernel,
+    # run next, fills the rest of the buffer); delta/delta_kept_ref: its rows' softmax-backward
+    # terms, which that kernel reads.
     i, h = pl.program_id(0), pl.program_id(2)
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     row_ok = _in_sequence(rows, seq_len, padded_len)
@@ -205,8 +217,14 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_ref, de
     q, do = _load(q_ref, row_ok2), _load(do_ref, row_ok2)
     lse = _load(lse_ref, row_ok)
     # delta = rowsum(dO ∘ O) in float32, here where dO is loaded anyway: no pass of its own over O.
-    delta = jnp.sum(_load(o_ref, row_ok2).astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    do32 = do.astype(jnp.float32)
+    delta = jnp.sum(_load(o_ref, row_ok2).astype(jnp.float32) * do32, axis=1)
+    # The value bias adds dO·b_v to every kept entry of dP̃ (scaled as they are): folded into
+    # the delta those entries subtract, so the loops see v without it.
+    bias_term = jnp.sum(do32 * bv_ref[...].astype(jnp.float32)[None, :], axis=1)
+    delta_kept = delta - bias_term * (1.0 / (1.0 - rate))
     _store(delta_ref, delta, row_ok)
+    _store(delta_kept_ref, delta_kept, row_ok)
     row_keys = _row_keys(seed_ref[0], h, rows)
 
     def body(j, dq):
@@ -215,7 +233,8 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_ref, de
         col_ok = _in_sequence(cols, seq_len, padded_len)
         col_ok2 = None if col_ok is None else col_ok[:, None]
         k, v = _load(k_ref.at[keys, :], col_ok2), _load(v_ref.at[keys, :], col_ok2)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, row_keys, cols, col_ok, scale=scale, rate=rate)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, delta_kept, row_keys, cols, col_ok,
+                                   scale=scale, rate=rate)
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, padded_len // block_k, body, jnp.zeros(q.shape, jnp.float32))
@@ -224,7 +243,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, dq_ref, de
     dq_sums_ref[...] = _column_sums(dq, row_ok2)
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _dkvq_ref, dkv_ref,
+def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, delta_kept_ref, _dkvq_ref, dkv_ref,
                  dkv_sums_ref, *, scale, rate, seq_len, padded_len, block_q, block_k):
     # _dkvq_ref: the packed cotangent holding dQ, aliased to dkv_ref and never read.
     j, h = pl.program_id(0), pl.program_id(2)
@@ -242,8 +261,9 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _dkv
         row_ok2 = None if row_ok is None else row_ok[:, None]
         q, do = _load(q_ref.at[rows_slice, :], row_ok2), _load(do_ref.at[rows_slice, :], row_ok2)
         lse, delta = _load(lse_ref.at[rows_slice], row_ok), _load(delta_ref.at[rows_slice], row_ok)
-        p_dropped, ds = _probs_and_dscores(q, k, v, do, lse, delta, _row_keys(seed, h, rows), cols, col_ok,
-                                           scale=scale, rate=rate)
+        delta_kept = _load(delta_kept_ref.at[rows_slice], row_ok)
+        p_dropped, ds = _probs_and_dscores(q, k, v, do, lse, delta, delta_kept, _row_keys(seed, h, rows), cols,
+                                           col_ok, scale=scale, rate=rate)
         dv = dv + plgpu.dot(p_dropped.astype(do.dtype), do, trans_a=True)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
@@ -292,10 +312,13 @@ class _Plan:
     """Static settings of one kernel call on (B, L, H, d) operands of any batch size (the
     local one under sharding): block specs, grid, kernel keyword arguments. The tiles cover
     L rounded up to the largest tile (500 -> 512); the kernels mask the rows past L in every
-    load and store, so the operands need no padded copies."""
+    load and store, so the operands need no padded copies. `packed`: the projection the
+    kernels read is BERT's packed (B, L, 3, H, d) array, each of q/k/v a slot of it, instead
+    of three (B, L, H, d) arrays (`source_*`)."""
 
-    def __init__(self, shape, rate: float, blocks: Blocks, interpret: bool):
+    def __init__(self, shape, rate: float, blocks: Blocks, interpret: bool, packed: bool):
         self.batch, seq_len, self.heads, self.depth = shape
+        self.packed = packed
         self.padded_len = _padded_len(seq_len, blocks)
         self.common = dict(scale=1.0 / math.sqrt(self.depth), rate=rate, seq_len=seq_len,
                            padded_len=self.padded_len)
@@ -308,6 +331,20 @@ class _Plan:
 
     def whole_rows(self):
         return pl.BlockSpec((None, self.padded_len, None, self.depth), lambda n, b, h: (b, 0, h, 0))
+
+    def source_block(self, size, slot):
+        """`row_block` of the projection's q, k or v (`slot`), packed or not."""
+        return self.packed_block(size, slot) if self.packed else self.row_block(size)
+
+    def source_rows(self, slot):
+        """`whole_rows` of the projection's q, k or v (`slot`), packed or not."""
+        if not self.packed:
+            return self.whole_rows()
+        return pl.BlockSpec((None, self.padded_len, None, None, self.depth), lambda n, b, h: (b, 0, slot, h, 0))
+
+    def bias_block(self, slot):
+        """(d,) blocks of a (3, H, d) bias: this head's part of `slot`'s bias."""
+        return pl.BlockSpec((None, None, self.depth), lambda n, b, h: (slot, h, 0))
 
     def stats_block(self, size):
         return pl.BlockSpec((None, None, size), lambda n, b, h: (b, h, n))
@@ -345,88 +382,110 @@ class _Plan:
 _SEED_SPEC = pl.BlockSpec((1,), lambda n, b, h: (b,))
 
 
+def _query_shape(source, packed: bool):
+    """(B, L, H, d) of the projection's q, from the packed array or q itself."""
+    return (*source.shape[:2], *source.shape[3:]) if packed else source.shape
+
+
+def _source_rule(packed: bool) -> str:
+    return "b l s h d" if packed else "b l h d"
+
+
 @functools.lru_cache(maxsize=None)
-def _fwd_op(rate: float, blocks: Blocks, interpret: bool):
-    def call(batch_seeds, q, k, v):
-        plan = _Plan(q.shape, rate, blocks, interpret)
+def _fwd_op(rate: float, blocks: Blocks, interpret: bool, packed: bool):
+    """(seeds, q, k, v, bias (3, H, d) in the projection's dtype) -> out, lse (B, H, L) float32,
+    and q + b_q (B, L, H, d). q, k, v: three (B, L, H, d) arrays, or when `packed` the one
+    packed projection passed three times (each call reads its slot)."""
+    def call(batch_seeds, q, k, v, bias):
+        plan = _Plan(_query_shape(q, packed), rate, blocks, interpret, packed)
         bq, bk = blocks.fwd_q, blocks.fwd_k
+        query_shape = jax.ShapeDtypeStruct(_query_shape(q, packed), q.dtype)
         return tuple(pl.pallas_call(
             functools.partial(_fwd_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bq),
-            in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows()],
-            out_specs=[plan.row_block(bq), plan.stats_block(bq)],
-            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                       jax.ShapeDtypeStruct((plan.batch, plan.heads, q.shape[1]), jnp.float32)],
+            in_specs=[_SEED_SPEC, plan.source_block(bq, QUERY), plan.source_rows(KEY), plan.source_rows(VALUE),
+                      plan.bias_block(QUERY), plan.bias_block(VALUE)],
+            out_specs=[plan.row_block(bq), plan.stats_block(bq), plan.row_block(bq)],
+            out_shape=[query_shape, jax.ShapeDtypeStruct((plan.batch, plan.heads, q.shape[1]), jnp.float32),
+                       query_shape],
             name="flash_attention_fwd", **plan.call_args,
-        )(batch_seeds, q, k, v))
+        )(batch_seeds, q, k, v, bias, bias))
 
-    return batch_parallel(call, "b, b l h d, b l h d, b l h d -> b l h d, b h l", ("l", "h", "d"))
-
-
-_BWD_OPERANDS = "b, b l h d, b l h d, b l h d, b l h d, b h l"  # seeds, q, k, v, dO, lse
-# Below, the factors that must not be split are listed in order of first appearance: Shardy wants that.
+    src = _source_rule(packed)
+    return batch_parallel(call, f"b, {src}, {src}, {src}, s h d -> b l h d, b h l, b l h d")
 
 
 @functools.lru_cache(maxsize=None)
-def _dq_op(rate: float, blocks: Blocks, interpret: bool):
-    """(seeds, q, k, v, dO, lse, O) -> the packed cotangent with dQ in its QUERY slot (the
-    other slots unwritten), delta (B, H, L) float32, and dQ's column sums (B, n_q, H, d)."""
-    def call(batch_seeds, q, k, v, do, lse, out):
-        plan = _Plan(q.shape, rate, blocks, interpret)
+def _dq_op(rate: float, blocks: Blocks, interpret: bool, packed: bool):
+    """(seeds, q + b_q, k, v (as `_fwd_op` took them), bias, dO, lse, O) -> the packed
+    cotangent with dQ in its QUERY slot (the other slots unwritten), delta and delta_kept
+    (B, H, L) float32, and dQ's column sums (B, n_q, H, d)."""
+    def call(batch_seeds, qb, k, v, bias, do, lse, out):
+        plan = _Plan(qb.shape, rate, blocks, interpret, packed)
         bq, bk = blocks.bwd_q, blocks.bwd_k
+        stats = jax.ShapeDtypeStruct(lse.shape, jnp.float32)
         return tuple(pl.pallas_call(
             functools.partial(_dq_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bq),
-            in_specs=[_SEED_SPEC, plan.row_block(bq), plan.whole_rows(), plan.whole_rows(),
-                      plan.row_block(bq), plan.stats_block(bq), plan.row_block(bq)],
-            out_specs=[plan.packed_block(bq, QUERY), plan.stats_block(bq), plan.sums_block()],
-            out_shape=[jax.ShapeDtypeStruct(plan.packed_shape(q.shape[1]), q.dtype),
-                       jax.ShapeDtypeStruct(lse.shape, jnp.float32),
+            in_specs=[_SEED_SPEC, plan.row_block(bq), plan.source_rows(KEY), plan.source_rows(VALUE),
+                      plan.bias_block(VALUE), plan.row_block(bq), plan.stats_block(bq), plan.row_block(bq)],
+            out_specs=[plan.packed_block(bq, QUERY), plan.stats_block(bq), plan.stats_block(bq), plan.sums_block()],
+            out_shape=[jax.ShapeDtypeStruct(plan.packed_shape(qb.shape[1]), qb.dtype), stats, stats,
                        jax.ShapeDtypeStruct(plan.sums_shape(bq), jnp.float32)],
             name="flash_attention_dq", **plan.call_args,
-        )(batch_seeds, q, k, v, do, lse, out))
+        )(batch_seeds, qb, k, v, bias, do, lse, out))
 
-    return batch_parallel(call, f"{_BWD_OPERANDS}, b l h d -> b l s h d, b h l, b n h d",
-                          ("l", "h", "d", "s", "n"))
+    src = _source_rule(packed)
+    return batch_parallel(call, f"b, b l h d, {src}, {src}, s h d, b l h d, b h l, b l h d"
+                                " -> b l s h d, b h l, b h l, b n h d")
 
 
 @functools.lru_cache(maxsize=None)
-def _dkdv_op(rate: float, blocks: Blocks, interpret: bool):
-    """(seeds, q, k, v, dO, lse, delta, packed cotangent from `_dq_op`) -> that cotangent with
-    dK and dV in its KEY and VALUE slots (written in place), and their column sums (B, n_k, 2, H, d)."""
-    def call(batch_seeds, q, k, v, do, lse, delta, dkvq):
-        plan = _Plan(q.shape, rate, blocks, interpret)
+def _dkdv_op(rate: float, blocks: Blocks, interpret: bool, packed: bool):
+    """(seeds, q + b_q, k, v, dO, lse, delta, delta_kept, packed cotangent from `_dq_op`) ->
+    that cotangent with dK and dV in its KEY and VALUE slots (written in place), and their
+    column sums (B, n_k, 2, H, d)."""
+    def call(batch_seeds, qb, k, v, do, lse, delta, delta_kept, dkvq):
+        plan = _Plan(qb.shape, rate, blocks, interpret, packed)
         bq, bk = blocks.bwd_q, blocks.bwd_k
         return tuple(pl.pallas_call(
             functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **plan.common),
             grid=plan.grid(bk),
-            in_specs=[_SEED_SPEC, plan.whole_rows(), plan.row_block(bk), plan.row_block(bk),
-                      plan.whole_rows(), plan.whole_stats(), plan.whole_stats(), plan.key_value_block(bk)],
+            in_specs=[_SEED_SPEC, plan.whole_rows(), plan.source_block(bk, KEY), plan.source_block(bk, VALUE),
+                      plan.whole_rows(), plan.whole_stats(), plan.whole_stats(), plan.whole_stats(),
+                      plan.key_value_block(bk)],
             out_specs=[plan.key_value_block(bk), plan.key_value_sums_block()],
             out_shape=[jax.ShapeDtypeStruct(dkvq.shape, dkvq.dtype),
                        jax.ShapeDtypeStruct(plan.sums_shape(bk, 2), jnp.float32)],
-            input_output_aliases={7: 0},  # dkvq (operand 7) is output 0: dK, dV go into its KEY, VALUE slots
+            input_output_aliases={8: 0},  # dkvq (operand 8) is output 0: dK, dV go into its KEY, VALUE slots
             name="flash_attention_dkdv", **plan.call_args,
-        )(batch_seeds, q, k, v, do, lse, delta, dkvq))
+        )(batch_seeds, qb, k, v, do, lse, delta, delta_kept, dkvq))
 
-    return batch_parallel(call, f"{_BWD_OPERANDS}, b h l, b l s h d -> b l s h d, b n kv h d",
-                          ("l", "h", "d", "s", "n", "kv"))
+    src = _source_rule(packed)
+    return batch_parallel(call, f"b, b l h d, {src}, {src}, b l h d, b h l, b h l, b h l, b l s h d"
+                                " -> b l s h d, b n kv h d")
 
 
-def _packed_cotangent(rate, blocks, interpret, residuals, d_out):
-    """The (B, L, 3, H, d) cotangent of the packed projection (dK, dV, dQ in their slots) and
-    the kernels' float32 column sums of it, per program: (B, n_q, H, d) of the QUERY slot and
+def _packed_cotangent(rate, blocks, interpret, packed, residuals, d_out):
+    """The (B, L, 3, H, d) cotangent of the projection (dK, dV, dQ in their slots) and the
+    kernels' float32 column sums of it, per program: (B, n_q, H, d) of the QUERY slot and
     (B, n_k, 2, H, d) of the KEY and VALUE slots."""
-    q, k, v, seed, out, lse = residuals
-    operands = (_batch_seeds(seed, q.shape[0]), q, k, v, d_out, lse)
-    dkvq, delta, dq_sums = _dq_op(rate, blocks, interpret)(*operands, out)
-    dkvq, dkv_sums = _dkdv_op(rate, blocks, interpret)(*operands, delta, dkvq)
+    qb, k, v, bias, seed, out, lse = residuals
+    operands = (_batch_seeds(seed, qb.shape[0]), qb, k, v)
+    dkvq, delta, delta_kept, dq_sums = _dq_op(rate, blocks, interpret, packed)(*operands, bias, d_out, lse, out)
+    dkvq, dkv_sums = _dkdv_op(rate, blocks, interpret, packed)(*operands, d_out, lse, delta, delta_kept, dkvq)
     return dkvq, dq_sums, dkv_sums
 
 
+def _attention_fwd(q, k, v, bias, seed, rate, blocks, interpret, packed):
+    """The forward kernel on the projection (`_fwd_op`); returns out and the backward's residuals."""
+    out, lse, qb = _fwd_op(rate, blocks, interpret, packed)(_batch_seeds(seed, q.shape[0]), q, k, v, bias)
+    return out, (qb, k, v, bias, seed, out, lse)
+
+
 def _flash_fwd(q, k, v, seed, rate, blocks, interpret):
-    out, lse = _fwd_op(rate, blocks, interpret)(_batch_seeds(seed, q.shape[0]), q, k, v)
-    return out, (q, k, v, seed, out, lse)
+    no_bias = jnp.zeros((3, *q.shape[2:]), q.dtype)
+    return _attention_fwd(q, k, v, no_bias, seed, rate, blocks, interpret, packed=False)
 
 
 def _no_gradient(seed):
@@ -445,8 +504,8 @@ def flash_attention(q, k, v, seed, rate: float = 0.0, blocks: Blocks = Blocks(),
 
 
 def _flash_bwd(rate, blocks, interpret, residuals, d_out):
-    dkvq, _, _ = _packed_cotangent(rate, blocks, interpret, residuals, d_out)  # no bias: no sums needed
-    return dkvq[:, :, QUERY], dkvq[:, :, KEY], dkvq[:, :, VALUE], _no_gradient(residuals[3])
+    dkvq, _, _ = _packed_cotangent(rate, blocks, interpret, False, residuals, d_out)  # no bias: no sums needed
+    return dkvq[:, :, QUERY], dkvq[:, :, KEY], dkvq[:, :, VALUE], _no_gradient(residuals[4])
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
@@ -456,19 +515,23 @@ flash_attention.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention_packed(kvq, bias, seed, rate: float = 0.0, blocks: Blocks = Blocks(), interpret: bool = False):
     """`flash_attention` on a packed projection: kvq (B, L, 3, H, d) holds key, value and
     query (slots KEY, VALUE, QUERY) before their (3, H, d) bias, which is added in kvq's
-    dtype (`unpack`). Gradients: one packed cotangent, and the bias's summed in float32."""
+    dtype (`unpack`'s function). The kernels read the slots where they lie and add the
+    biases themselves: q + b_q once per query row (the forward writes it for the backward),
+    b_v through the rows' kept probability mass, b_k not at all (the softmax cancels it).
+    Gradients: one packed cotangent, and the bias's summed in float32."""
     return _packed_fwd(kvq, bias, seed, rate, blocks, interpret)[0]
 
 
 def _packed_fwd(kvq, bias, seed, rate, blocks, interpret):
-    out, residuals = _flash_fwd(*unpack(kvq, bias), seed, rate, blocks, interpret)
+    out, residuals = _attention_fwd(kvq, kvq, kvq, bias.astype(kvq.dtype), seed, rate, blocks, interpret, packed=True)
     return out, (residuals, bias)
 
 
 def _bias_gradient(dq_sums, dkv_sums):
     """The packed bias's (3, H, d) float32 gradient, the cotangent summed over batch and
     length, from the kernels' per-program column sums: a sum over (B, n_blocks) only. Placed
-    into its slots, not concatenated (KEY, VALUE are slots 0 and 1, as `key_value_block` has them)."""
+    into its slots, not concatenated (KEY, VALUE are slots 0 and 1, as `key_value_block` has them).
+    The KEY slot's is the column sums of dK, 0 up to rounding: the key bias cancels in the softmax."""
     d_bias = jnp.zeros((3, *dq_sums.shape[2:]), jnp.float32)
     d_bias = d_bias.at[QUERY].set(jnp.sum(dq_sums, axis=(0, 1)))
     return d_bias.at[KEY:VALUE + 1].set(jnp.sum(dkv_sums, axis=(0, 1)))
@@ -476,8 +539,8 @@ def _bias_gradient(dq_sums, dkv_sums):
 
 def _packed_bwd(rate, blocks, interpret, residuals, d_out):
     flash_residuals, bias = residuals
-    dkvq, dq_sums, dkv_sums = _packed_cotangent(rate, blocks, interpret, flash_residuals, d_out)
-    return dkvq, _bias_gradient(dq_sums, dkv_sums).astype(bias.dtype), _no_gradient(flash_residuals[3])
+    dkvq, dq_sums, dkv_sums = _packed_cotangent(rate, blocks, interpret, True, flash_residuals, d_out)
+    return dkvq, _bias_gradient(dq_sums, dkv_sums).astype(bias.dtype), _no_gradient(flash_residuals[4])
 
 
 flash_attention_packed.defvjp(_packed_fwd, _packed_bwd)
