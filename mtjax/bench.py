@@ -260,6 +260,27 @@ def time_forward_and_grad(fn, make_args, argnums, samples: int) -> tuple[float, 
     return ms_fwd * 1e3, ms_bwd * 1e3
 
 
+def profiled_kernel_ms(fn, args, argnums, calls: int) -> dict[str, float]:
+    """GPU time per call (ms) of each kernel of `fn`'s jitted forward + backward, by name, from
+    a profile of `calls` calls: a kernel's own time, without the launch and dispatch that a
+    call's wall time carries."""
+    import glob
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=argnums))
+    jax.block_until_ready(grad(*args))
+    log_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            out = grad(*args)
+        jax.block_until_ready(out)
+    trace = sorted(glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    return {name: ms for name, ms, _ in summarize_trace(trace, calls)["top"]}
+
+
 def kernel_row(name: str, setting: str, timed) -> tuple[str, str, float, float]:
     """(name, setting, ms forward, ms forward + backward) of `timed()`; a setting the kernel
     compiler rejects (e.g. too much shared memory) becomes a NaN row that says so."""

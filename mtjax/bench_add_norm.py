@@ -1,14 +1,16 @@
 """BERT's add-norm (dense bias → dropout → + residual → LayerNorm) alone on the GPU: fused kernels vs written out.
 
-    python -m mtjax.bench_add_norm [--batch 32] [--seq 500] [--width 768] [--rows 4,8,16] [--blocks 1,2,4,8]
+    python -m mtjax.bench_add_norm [--batch 32] [--seq 500] [--width 768] [--rows 2,4,8] [--blocks 4,8,16]
         [--warps 4,8]
 
 First checks the kernels on this GPU against `add_norm_reference` with the same hash mask
 and a nonzero dense bias (float32 operands, then bf16), then times forward and forward +
 backward of one add-norm in bf16 with dropout 0.1 (its dense bias and its gradient included),
-written out by XLA and fused at each setting of rows per block (`ROWS`), blocks per program
-(`BLOCKS_PER_PROGRAM`: each program loops over that many blocks) and warps. The check runs
-the module's defaults.
+written out by XLA and fused at each launch setting (`fused_add_norm.Launch`: rows per
+block, blocks per program, warps; given to both kernels). Wall times of a call move by more
+than the settings do, so each setting's two kernels are also profiled: their GPU time per
+call, the forward's and the backward's apart (the module takes a setting for each,
+`FORWARD` and `BACKWARD`). The check runs the module's settings.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from mtjax.bench import kernel_bench_parser, kernel_row, on_gpu, print_kernel_table, time_forward_and_grad
+from mtjax.bench import (kernel_bench_parser, kernel_row, on_gpu, print_kernel_table, profiled_kernel_ms,
+                         time_forward_and_grad)
 from mtjax.models import fused_add_norm as fused
 
 RATE, EPS = 0.1, 1e-12
@@ -50,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=500)
     p.add_argument("--width", type=int, default=768)
-    p.add_argument("--rows", default="4,8,16", help="rows per block (ROWS), comma-separated")
-    p.add_argument("--blocks", default="1,2,4,8", help="blocks per program (BLOCKS_PER_PROGRAM), comma-separated")
-    p.add_argument("--warps", default="4,8", help="warps per program (NUM_WARPS), comma-separated")
+    p.add_argument("--rows", default="2,4,8", help="rows per block (Launch.rows), comma-separated")
+    p.add_argument("--blocks", default="4,8,16", help="blocks per program (Launch.blocks), comma-separated")
+    p.add_argument("--warps", default="4,8", help="warps per program (Launch.warps), comma-separated")
     args = p.parse_args(argv)
     if not on_gpu("bench_add_norm"):
         return 2
@@ -70,13 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     argnums = tuple(range(len(operands)))
     rows = [("xla written-out", "-", *time_forward_and_grad(lambda *a: fused.add_norm_reference(*a, seed, RATE, EPS), lambda: operands, argnums, args.steps))]
     settings = itertools.product(*(map(int, s.split(",")) for s in (args.rows, args.blocks, args.warps)))
-    for n_rows, blocks, warps in settings:
-        fused.ROWS, fused.BLOCKS_PER_PROGRAM, fused.NUM_WARPS = n_rows, blocks, warps
+    kernel_times = []
+    for setting in (fused.Launch(*s) for s in settings):
+        fused.FORWARD = fused.BACKWARD = setting
         fused._fwd_op.cache_clear(), fused._bwd_op.cache_clear()
         fn = lambda *a: fused.add_dropout_layer_norm(*a, seed, RATE, EPS)
-        rows.append(kernel_row("fused", f"{n_rows}x{blocks}x{warps}",
+        rows.append(kernel_row("fused", str(setting),
                                lambda: time_forward_and_grad(fn, lambda: operands, argnums, args.steps)))
+        kernel_times.append((str(setting), profiled_kernel_ms(fn, operands, argnums, args.steps)))
     print_kernel_table("rows per block × blocks per program × warps", rows)
+    print("\n| setting | add_norm_fwd µs (GPU) | add_norm_bwd µs (GPU) |\n|---|---|---|")
+    for setting, times in kernel_times:
+        print(f"| {setting} | " + " | ".join(f"{times.get(k, float('nan')) * 1e3:.1f}"
+                                          for k in ("add_norm_fwd", "add_norm_bwd")) + " |")
     return 0
 
 

@@ -72,10 +72,10 @@ def _rebuild_ops():
 
 @pytest.fixture
 def launch(monkeypatch):
-    """launch(rows, blocks): the kernels' ROWS and BLOCKS_PER_PROGRAM for one test."""
+    """launch(rows, blocks): both kernels' rows per block and blocks per program for one test."""
     def set_launch(rows, blocks):
-        monkeypatch.setattr(fused, "ROWS", rows)
-        monkeypatch.setattr(fused, "BLOCKS_PER_PROGRAM", blocks)
+        monkeypatch.setattr(fused, "FORWARD", fused.Launch(rows, blocks))
+        monkeypatch.setattr(fused, "BACKWARD", fused.Launch(rows, blocks))
         _rebuild_ops()
 
     yield set_launch
@@ -135,12 +135,12 @@ def _partial_sums_shape(shape):
 
 def test_the_backward_stores_one_partial_sum_per_program(launch):
     """The parameter gradients' partial sums are summed across each program's blocks and
-    stacked: XLA reduces (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, 3, D) once, not one row per
-    block of ROWS, nor three arrays."""
+    stacked: XLA reduces (B, ⌈L / (rows · blocks)⌉, 3, D) once, not one row per block of
+    rows, nor three arrays."""
     # BERT's shape, the module's settings: several blocks per program.
-    rows_per_program = fused.ROWS * fused.BLOCKS_PER_PROGRAM
+    rows_per_program = fused.BACKWARD.rows * fused.BACKWARD.blocks
     assert _partial_sums_shape((32, 500, 768)) == (32, -(-500 // rows_per_program), 3, 768)
-    assert rows_per_program > fused.ROWS
+    assert rows_per_program > fused.BACKWARD.rows
     launch(rows=4, blocks=4)
     assert _partial_sums_shape((2, 37, 40)) == (2, 3, 3, 40)
 

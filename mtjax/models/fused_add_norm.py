@@ -18,13 +18,13 @@ the activation dtype as `attention.Dense` adds it, the kept value divided by the
 probability in that dtype, the sum rounded to it, float32 statistics, the dense bias
 gradient summed in float32). `add_norm_reference` is that written-out function.
 
-Each program loops over `BLOCKS_PER_PROGRAM` blocks of `ROWS` rows of one example (a tile of
-ROWS × 1024: the 768 features as one 1024-wide tile with the columns past 768 masked, as the
+Each program loops over `blocks` blocks of `rows` rows of one example (`Launch`; a tile of
+rows × 1024: the 768 features as one 1024-wide tile with the columns past 768 masked, as the
 rows past L are). What does not depend on the row — the column keys of the mask, the LayerNorm
 scale and bias, the dense bias — it computes or loads once for all its blocks, and the backward
 sums its blocks' parameter gradients in float32 across the loop, so the partial sums XLA
-reduces are (B, ⌈L / (ROWS · BLOCKS_PER_PROGRAM)⌉, 3, D): one reduction for the three
-gradients. The per-feature operands are (D,), not broadcast over the batch (`batch_parallel`
+reduces are (B, ⌈L / (rows · blocks)⌉, 3, D): one reduction for the three gradients. The
+forward and the backward have launch settings of their own (`FORWARD`, `BACKWARD`). The per-feature operands are (D,), not broadcast over the batch (`batch_parallel`
 replicates them). The loop is a `fori_loop` (Triton's
 scf.for), not unrolled: one block's tile is live at a time, and the code does not grow with
 the blocks per program.
@@ -39,6 +39,7 @@ rounds (added in float32, rounded to the activation dtype). Not forked, the back
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -52,11 +53,30 @@ from mtjax.models.attention import add_dense_bias
 from mtjax.models.batch_parallel import batch_parallel
 from mtjax.models.dropout import column_key, hash_keep, hash_keep_mask, hash_keys, row_key
 
-# Launch settings (module-level so that `mtjax.bench_add_norm` can sweep them; both powers of
-# two, as Triton's tiles are).
-ROWS = 8                # rows per block: the tile one loop step works on
-BLOCKS_PER_PROGRAM = 8  # blocks each program loops over: ROWS · BLOCKS_PER_PROGRAM rows
-NUM_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel's launch settings (powers of two, as Triton's tiles are)."""
+
+    rows: int       # rows per block: the tile one loop step works on
+    blocks: int     # blocks each program loops over: rows · blocks rows per program
+    warps: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> "Launch":
+        """'4x8x4' (rows x blocks x warps)."""
+        return cls(*(int(n) for n in text.split("x")))
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.blocks}x{self.warps}"
+
+
+# Module-level so that `mtjax.bench_add_norm` can sweep them. The fastest settings of a sweep
+# of the kernels' profiled GPU time on an H100 at BERT-base shape (B 32, L 500, D 768,
+# docs/perf_notes.md change 62): small tiles, many programs.
+FORWARD = Launch(rows=4, blocks=8)
+BACKWARD = Launch(rows=2, blocks=16)
 # The backward's partial sums, in the order of their rows.
 PARTIAL_SUMS = ("layer_norm_scale", "layer_norm_bias", "dense_bias")
 # Run the kernels in Pallas' interpreter (tests that drive the model path on the CPU).
@@ -197,18 +217,18 @@ def _bwd_kernel(base_ref, seed_ref, dout_ref, dout2_ref, s_ref, mean_ref, rstd_r
 
 class _Plan:
     """Block specs and grid for (B, L, D) operands of any (local) batch size: one program per
-    BLOCKS_PER_PROGRAM · ROWS rows of one example (the last one's rows past L masked); the
-    feature axis as one tile of the next power of two."""
+    `launch.blocks` · `launch.rows` rows of one example (the last one's rows past L masked);
+    the feature axis as one tile of the next power of two."""
 
-    def __init__(self, shape, interpret: bool):
+    def __init__(self, shape, interpret: bool, launch: Launch):
         self.batch, self.seq_len, self.width = shape
         self.block_cols = 1 << (self.width - 1).bit_length()
-        self.program_rows = ROWS * BLOCKS_PER_PROGRAM
+        self.program_rows = launch.rows * launch.blocks
         self.programs = -(-self.seq_len // self.program_rows)  # per example
         self.grid = (self.programs, self.batch)
-        params = None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+        params = None if interpret else plgpu.CompilerParams(num_warps=launch.warps, num_stages=1)
         self.call_args = dict(compiler_params=params, interpret=interpret)
-        self.common = dict(rows=ROWS, blocks=BLOCKS_PER_PROGRAM, seq_len=self.seq_len, width=self.width,
+        self.common = dict(rows=launch.rows, blocks=launch.blocks, seq_len=self.seq_len, width=self.width,
                            block_cols=self.block_cols)
 
     def rows(self):
@@ -233,7 +253,7 @@ _EXAMPLE = pl.BlockSpec((1,), lambda i, b: (b,))  # the example's index base and
 @functools.lru_cache(maxsize=None)
 def _fwd_op(rate: float, eps: float, interpret: bool):
     def call(base, seeds, y, y_bias, r, scale, bias):
-        plan = _Plan(y.shape, interpret)
+        plan = _Plan(y.shape, interpret, FORWARD)
         b, l, _ = y.shape
         return tuple(pl.pallas_call(
             functools.partial(_fwd_kernel, rate=rate, keep_prob=_keep_prob(rate, y.dtype), eps=eps, **plan.common),
@@ -256,7 +276,7 @@ def _bwd_op(rate: float, interpret: bool, forked: bool = False):
 
     def call(base, seeds, *operands):
         s = operands[douts]
-        plan = _Plan(s.shape, interpret)
+        plan = _Plan(s.shape, interpret, BACKWARD)
         b, _, d = s.shape
         partial_sums = jax.ShapeDtypeStruct((b, plan.programs, len(PARTIAL_SUMS), d), jnp.float32)
         kernel = functools.partial(_bwd_kernel, rate=rate, keep_prob=_keep_prob(rate, s.dtype), **plan.common)
