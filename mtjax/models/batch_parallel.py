@@ -41,11 +41,11 @@ def _factors_after_batch(rule: str) -> tuple[str, ...]:
     return tuple(factors)
 
 
-def batch_parallel(call, rule: str, replicated: tuple[str, ...] | None = None):
+def batch_parallel(call, rule: str):
     """`call` (operands -> tuple of batch-first results, each example on its own) as one
     operation that batch sharding and vmap both keep batch-parallel. `rule` is the Shardy
-    rule (factor `b` the batch; `infer` is GSPMD's), `replicated` its factors that must not
-    be split (by default every factor but b). Operands whose rule does not begin with `b`
+    rule (factor `b` the batch; `infer` is GSPMD's); every other factor of it must not be
+    split (`need_replication_factors`). Operands whose rule does not begin with `b`
     (per-feature parameters) are the same for every example: replicated, and passed as they
     are. Under vmap (the per-task backward of train_step) the vmapped axis is folded into the
     batch: (T, B, ...) -> (B·T, ...), batch-major so that a sharded batch stays sharded;
@@ -65,7 +65,7 @@ def batch_parallel(call, rule: str, replicated: tuple[str, ...] | None = None):
 
     partitioned = custom_partitioning(call)
     partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                              need_replication_factors=replicated or _factors_after_batch(rule))
+                              need_replication_factors=_factors_after_batch(rule))
 
     @custom_vmap
     def op(*operands):

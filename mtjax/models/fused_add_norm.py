@@ -266,7 +266,7 @@ def _fwd_op(rate: float, eps: float, interpret: bool):
             name="add_norm_fwd", **plan.call_args,
         )(base, seeds, y, y_bias, r, scale, bias))
 
-    return batch_parallel(call, "b, b, b l d, d, b l d, d, d -> b l d, b l d, b l, b l", ("l", "d"))
+    return batch_parallel(call, "b, b, b l d, d, b l d, d, d -> b l d, b l d, b l, b l")
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,7 +293,7 @@ def _bwd_op(rate: float, interpret: bool, forked: bool = False):
         )(base, seeds, *operands))
 
     ins = "b, b, " + "b l d, " * douts + "b l d, b l, b l, d"
-    return batch_parallel(call, ins + " -> b l d, b l d, b k p d", ("l", "d", "k", "p"))
+    return batch_parallel(call, ins + " -> b l d, b l d, b k p d")
 
 
 def _one_cotangent(kernel, base_ref, seed_ref, dout_ref, *refs):
