@@ -17,7 +17,11 @@ computed outside the kernels. `attention_reference` computes the same function w
 out (the fallback off GPU, and the tests' reference).
 
 BERT calls them on its packed projection (`flash_attention_packed`): one matmul
-x·[W_k | W_v | W_q] gives (B, L, 3, H, d); the backward kernels write dK, dV and dQ into one
+x·[W_k | W_v | W_q] gives (B, L, 3, H, d), which the kernels read slot by slot where it lies,
+adding the biases themselves (no unpacking pass): the forward adds b_q to its query rows once
+and writes q + b_q for the backward; b_v enters each output row once, weighted
+by the row's kept probability mass, and as dO·b_v in the backward's per-row `delta_kept`; b_k
+is not read, as the softmax cancels it. The backward kernels write dK, dV and dQ into one
 packed cotangent of that shape (the dQ kernel its QUERY slot, the dK/dV kernel the KEY and
 VALUE slots of the same buffer), so the input gradient is one matmul and no three-way sum.
 The backward makes no pass of its own over the (B, L, ...) arrays either: the dQ kernel
