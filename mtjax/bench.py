@@ -251,34 +251,38 @@ def time_forward_and_grad(fn, make_args, argnums, samples: int) -> tuple[float, 
     """(ms forward, ms forward + backward) of the jitted `fn(*make_args())` (a kernel bench:
     `make_args` may give fresh arguments per call, e.g. a new dropout key), each call waited for."""
     import jax
-    import jax.numpy as jnp
 
     fwd = jax.jit(fn)
-    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=argnums))
+    grad = _jitted_grad_of_sum(fn, argnums)
     ms_fwd, _ = median_time(lambda: jax.block_until_ready(fwd(*make_args())), lambda: None, 3, samples)
     ms_bwd, _ = median_time(lambda: jax.block_until_ready(grad(*make_args())), lambda: None, 3, samples)
     return ms_fwd * 1e3, ms_bwd * 1e3
 
 
-def profiled_kernel_ms(fn, args, argnums, calls: int) -> dict[str, float]:
-    """GPU time per call (ms) of each kernel of `fn`'s jitted forward + backward, by name, from
-    a profile of `calls` calls: a kernel's own time, without the launch and dispatch that a
-    call's wall time carries."""
-    import glob
-    import tempfile
-
+def _jitted_grad_of_sum(fn, argnums):
+    """jit(grad of fn's float32 sum): a kernel bench's forward + backward."""
     import jax
     import jax.numpy as jnp
 
-    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=argnums))
-    jax.block_until_ready(grad(*args))
-    log_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        for _ in range(calls):
-            out = grad(*args)
-        jax.block_until_ready(out)
-    trace = sorted(glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
-    return {name: ms for name, ms, _ in summarize_trace(trace, calls)["top"]}
+    return jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=argnums))
+
+
+def profiled_kernel_ms(fn, args, argnums, calls: int) -> dict[str, float]:
+    """GPU time per call (ms) of each kernel of `fn`'s jitted forward + backward, by name, from
+    a profile of `calls` calls (`profile_steps`): a kernel's own time, without the launch and
+    dispatch that a call's wall time carries."""
+    import tempfile
+
+    import jax
+
+    grad = _jitted_grad_of_sum(fn, argnums)
+    last = {"out": jax.block_until_ready(grad(*args))}
+
+    def one():
+        last["out"] = grad(*args)
+
+    profile = profile_steps(one, lambda: jax.block_until_ready(last["out"]), tempfile.mkdtemp(), calls)
+    return {name: ms for name, ms, _ in profile.get("top", [])}
 
 
 def kernel_row(name: str, setting: str, timed) -> tuple[str, str, float, float]:

@@ -24,10 +24,10 @@ rows past L are). What does not depend on the row — the column keys of the mas
 scale and bias, the dense bias — it computes or loads once for all its blocks, and the backward
 sums its blocks' parameter gradients in float32 across the loop, so the partial sums XLA
 reduces are (B, ⌈L / (rows · blocks)⌉, 3, D): one reduction for the three gradients. The
-forward and the backward have launch settings of their own (`FORWARD`, `BACKWARD`). The per-feature operands are (D,), not broadcast over the batch (`batch_parallel`
-replicates them). The loop is a `fori_loop` (Triton's
-scf.for), not unrolled: one block's tile is live at a time, and the code does not grow with
-the blocks per program.
+forward and the backward have launch settings of their own (`FORWARD`, `BACKWARD`). The
+per-feature operands are (D,), not broadcast over the batch (`batch_parallel` replicates
+them). The loop is a `fori_loop` (Triton's scf.for), not unrolled: one block's tile is live
+at a time, and the code does not grow with the blocks per program.
 
 `forked=True` returns the output twice, for its two uses in BERT (the next matmul and the next
 add-norm's residual). Returned once, JAX's autodiff sums the two uses' cotangents with an
@@ -54,7 +54,6 @@ from mtjax.models.batch_parallel import batch_parallel
 from mtjax.models.dropout import column_key, hash_keep, hash_keep_mask, hash_keys, row_key
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel's launch settings (powers of two, as Triton's tiles are)."""
@@ -62,11 +61,6 @@ class Launch:
     rows: int       # rows per block: the tile one loop step works on
     blocks: int     # blocks each program loops over: rows · blocks rows per program
     warps: int = 4
-
-    @classmethod
-    def parse(cls, text: str) -> "Launch":
-        """'4x8x4' (rows x blocks x warps)."""
-        return cls(*(int(n) for n in text.split("x")))
 
     def __str__(self) -> str:
         return f"{self.rows}x{self.blocks}x{self.warps}"
