@@ -317,6 +317,13 @@ def print_kernel_table(setting_header: str, rows) -> None:
         print(f"| {name} | {setting} | {f_ms:.3f} | {b_ms:.3f} |")
 
 
+def mu_dtype_of(spec: dict[str, Any]):
+    """Adam's first-moment dtype for a spec (None: float32, PyTorch's)."""
+    import jax.numpy as jnp
+    name = spec.get("mu_dtype") or "float32"
+    return None if name == "float32" else jnp.dtype(name)
+
+
 def steps_per_sample(spec: dict[str, Any]) -> int:
     return spec.get("steps_per_sample") or STEPS_PER_SAMPLE
 
@@ -364,7 +371,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     phases["init"] = time.perf_counter() - t_phase
 
     if kind in TRAIN_KINDS:
-        opt = make_optimizer("adam", lr=1.5e-5)
+        opt = make_optimizer("adam", lr=1.5e-5, mu_dtype=mu_dtype_of(spec))
         weighting = make_weighting("predefined", weights=MULTITASK_WEIGHTS)
         aggregator = make_aggregator("pcgrad", num_tasks=len(cfg.tasks)) if kind in PER_TASK_KINDS else None
         # One compiled program instead of hundreds of eager ops (each a small compile on a GPU).
@@ -742,7 +749,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
               "smoke": spec["smoke"], "model": {**(spec.get("model") or {}), **(spec.get("set") or {})},
               "prng": spec.get("prng"), "devices": spec.get("devices"),
               "xla_flags": os.environ.get("XLA_FLAGS"),
-              "steps_per_sample": steps_per_sample(spec), "pack_small_arrays": bool(spec.get("pack_small_arrays"))}
+              "steps_per_sample": steps_per_sample(spec), "pack_small_arrays": bool(spec.get("pack_small_arrays")),
+              "mu_dtype": spec.get("mu_dtype") or "float32"}
     try:
         out = run_jax(spec) if impl == "jax" else run_torch(spec)
     except Exception as e:  # one failed config (OOM, torch.compile) must not sink the table
@@ -813,6 +821,8 @@ def table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             notes += [f"{k}={v}" for k, v in _flat(r.get("model") or {}).items()]
             if r.get("pack_small_arrays"):
                 notes.append("optim.pack_small_arrays")
+            if r.get("mu_dtype", "float32") != "float32":
+                notes.append(f"optim.mu_dtype={r['mu_dtype']}")
             row["note"] = "; ".join(notes)
         if r.get("run"):  # merged tables: which device call the row came from
             row["note"] = "; ".join(x for x in (f"run {r['run']}", row["note"]) if x)
@@ -926,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack-small-arrays", action=argparse.BooleanOptionalAction, default=OptimSection().pack_small_arrays,
                    help="JAX train configs: the optimizer over packed small arrays (optim.pack_small_arrays; "
                         "on by default, as in the Trainer)")
+    p.add_argument("--optim-mu-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="JAX train configs: the dtype Adam stores its first moment in (optim.mu_dtype)")
     p.add_argument("--timeout", type=float, default=420, help="seconds per fresh-process config")
     p.add_argument("--merge", help="comma-separated JSONL files: print their table, run nothing")
     p.add_argument("--profile", metavar="DIR",
@@ -976,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, batch, plan_overrides in plan:
         spec = {"mode": mode, "batch": batch, "steps": steps, "warmup": warmup, "smoke": smoke,
                 "steps_per_sample": args.steps_per_sample, "pack_small_arrays": args.pack_small_arrays,
+                "mu_dtype": args.optim_mu_dtype,
                 "devices": args.devices if args.devices > 1 and parse_mode(mode)[1] in TRAIN_KINDS else None,
                 "model": _merge(plan_overrides, overrides), "prng": args.prng, "set": _parse_overrides(args.set, nest_bert=False),
                 "profile": os.path.join(args.profile, f"{mode}-b{batch}") if args.profile else None}

@@ -95,6 +95,12 @@ class OptimSection:
     # optimizer state is then packed too, so a run resumes only with the setting it began
     # with (runs saved before the setting existed resume per array: load_run_experiment).
     pack_small_arrays: bool = True
+    # The dtype Adam keeps its first moment in. 'bfloat16' halves that state (2 bytes less
+    # per parameter, read and written every step); the update still uses the float32 moment
+    # of the step, only what is stored for the next step is rounded (optax's `mu_dtype`).
+    # A numerics change: 'float32' is PyTorch's Adam. May change on resume (the saved moment
+    # is cast).
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

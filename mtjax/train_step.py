@@ -46,16 +46,18 @@ class TrainState(NamedTuple):
 
 def make_optimizer(name: str = "adam", *, lr: float, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 0.0,
-                   clip_norm: float | None = None) -> optax.GradientTransformation:
+                   clip_norm: float | None = None, mu_dtype=None) -> optax.GradientTransformation:
     """PyTorch-equivalent Adam / AdamW (decoupled decay) with an injectable learning rate,
-    inside `skip_nonfinite` so a non-finite gradient skips the update."""
+    inside `skip_nonfinite` so a non-finite gradient skips the update. `mu_dtype` (optax's)
+    stores the first moment in that dtype (None: the parameters' float32, as PyTorch)."""
     if name == "adam":
         if weight_decay:
             raise ValueError("Adam with weight_decay: use 'adamw' (decoupled decay)")
-        opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=b1, b2=b2, eps=eps)
+        opt = optax.inject_hyperparams(optax.adam, static_args=("mu_dtype",))(
+            learning_rate=lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     elif name == "adamw":
-        opt = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=b1, b2=b2, eps=eps,
-                                                    weight_decay=weight_decay)
+        opt = optax.inject_hyperparams(optax.adamw, static_args=("mu_dtype",))(
+            learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'adamw', got {name!r}")
     chain = optax.chain(clip_by_global_norm(clip_norm), opt) if clip_norm else opt

@@ -73,6 +73,11 @@ def test_ratios_and_notes():
     assert rows["jax-train-bf16"]["ratio"] is None              # no PyTorch bf16 row to compare
     assert rows["jax-eval-bf16"]["note"] == "boom"
     assert "| jax | jax-train-fp32 | 16 | 100.0 | 160 | 1.00 | 10.0% | 1.50 |" in format_table(records)
+    # The optimizer settings a row ran with are in its note (records from before the
+    # mu_dtype setting have none: float32).
+    bf16_mu = table_rows([rec("jax", "train", "bf16", 30.0, mu_dtype="bfloat16", pack_small_arrays=True)])[0]
+    assert bf16_mu["note"] == "optim.pack_small_arrays; optim.mu_dtype=bfloat16"
+    assert "mu_dtype" not in rows["jax-train-bf16"]["note"]
 
 
 def test_parallel_and_feature_level_rows():
