@@ -317,13 +317,6 @@ def print_kernel_table(setting_header: str, rows) -> None:
         print(f"| {name} | {setting} | {f_ms:.3f} | {b_ms:.3f} |")
 
 
-def mu_dtype_of(spec: dict[str, Any]):
-    """Adam's first-moment dtype for a spec (None: float32, PyTorch's)."""
-    import jax.numpy as jnp
-    name = spec.get("mu_dtype") or "float32"
-    return None if name == "float32" else jnp.dtype(name)
-
-
 def steps_per_sample(spec: dict[str, Any]) -> int:
     return spec.get("steps_per_sample") or STEPS_PER_SAMPLE
 
@@ -371,7 +364,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     phases["init"] = time.perf_counter() - t_phase
 
     if kind in TRAIN_KINDS:
-        opt = make_optimizer("adam", lr=1.5e-5, mu_dtype=mu_dtype_of(spec))
+        opt = make_optimizer("adam", lr=1.5e-5, mu_dtype=spec.get("mu_dtype"))
         weighting = make_weighting("predefined", weights=MULTITASK_WEIGHTS)
         aggregator = make_aggregator("pcgrad", num_tasks=len(cfg.tasks)) if kind in PER_TASK_KINDS else None
         # One compiled program instead of hundreds of eager ops (each a small compile on a GPU).

@@ -56,7 +56,7 @@ def build_weighting(exp: ExperimentConfig, tasks):
 def build_optimizer(exp: ExperimentConfig) -> optax.GradientTransformation:
     o = exp.optim
     return make_optimizer(o.name, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                          clip_norm=o.clip_norm, mu_dtype=None if o.mu_dtype == "float32" else o.mu_dtype)
+                          clip_norm=o.clip_norm, mu_dtype=o.mu_dtype)
 
 
 def build_plateau(exp: ExperimentConfig):

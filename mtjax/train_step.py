@@ -49,7 +49,9 @@ def make_optimizer(name: str = "adam", *, lr: float, b1: float = 0.9, b2: float 
                    clip_norm: float | None = None, mu_dtype=None) -> optax.GradientTransformation:
     """PyTorch-equivalent Adam / AdamW (decoupled decay) with an injectable learning rate,
     inside `skip_nonfinite` so a non-finite gradient skips the update. `mu_dtype` (optax's)
-    stores the first moment in that dtype (None: the parameters' float32, as PyTorch)."""
+    stores the first moment in that dtype (None or 'float32': the parameters' float32, as PyTorch)."""
+    if mu_dtype == "float32":
+        mu_dtype = None  # optax's own default: the state keeps the parameters' dtype
     if name == "adam":
         if weight_decay:
             raise ValueError("Adam with weight_decay: use 'adamw' (decoupled decay)")
